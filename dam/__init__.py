@@ -1,0 +1,1 @@
+"""Describe Anything: detailed localized captioning of image regions and video masklets."""

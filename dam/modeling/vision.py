@@ -1,0 +1,166 @@
+"""The localized vision backbone: one SigLIP tower run twice, joined by gated cross-attention.
+
+Built on transformers' SiglipVisionModel (not a fork): its embeddings and encoder layers are
+called as they are. DAM adds three things around them:
+- a mask patch embedding E_M (same kernel and stride as the image's, zero-initialised) whose
+  output is added to the image embeddings; addition commutes, so adding it after SigLIP's own
+  embeddings (patch + position) equals adding it before the position embedding;
+- the global pass z = f_G(full image, full mask), taken at `vision_feature_layer`;
+- the regional pass over the focal crop through the *same* layers, with a gated adapter after
+  each: h += g_a * CrossAttn(LN(h), z); h += g_m * MLP(LN(h)), gates zero-initialised.
+With E_M and every gate at zero the regional features are exactly SigLIP's features of the
+crop (tested), so training starts from the pretrained tower's behaviour.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers.models.siglip.modeling_siglip import SiglipMLP
+
+from dam.modeling.configuration_dam import DamConfig
+
+
+class MaskPatchEmbedding(nn.Conv2d):
+    """E_M: the mask's patch embedding (1 channel in), zero-initialised so DAM starts as SigLIP."""
+
+    def __init__(self, config: SiglipVisionConfig) -> None:
+        super().__init__(1, config.hidden_size, config.patch_size, stride=config.patch_size)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the regional tokens (queries) to the global context (keys/values)."""
+
+    def __init__(self, config: SiglipVisionConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, queries, width = hidden_states.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, H, T, D/H)
+            return x.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            heads(self.q_proj(hidden_states)), heads(self.k_proj(context)), heads(self.v_proj(context))
+        )
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, queries, width))
+
+
+class GatedCrossAttentionAdapter(nn.Module):
+    """h + g_a·CrossAttn(LN1(h), z), then + g_m·MLP(LN2(h)); gates start at zero."""
+
+    def __init__(self, config: SiglipVisionConfig, gate_type: str) -> None:
+        super().__init__()
+        self.gate_type = gate_type
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attn = CrossAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SiglipMLP(config)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def _gate(self, gate: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(gate) if self.gate_type == "tanh" else gate
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`active` (B,) selects the samples the adapter applies to (None: all)."""
+        attn_gate, mlp_gate = self._gate(self.attn_gate), self._gate(self.mlp_gate)
+        if active is not None:  # (B,) -> (B, 1, 1): zero gate for skipped samples
+            active = active.to(hidden_states.dtype).view(-1, 1, 1)
+            attn_gate, mlp_gate = attn_gate * active, mlp_gate * active
+        hidden_states = hidden_states + attn_gate * self.cross_attn(self.layer_norm1(hidden_states), context)
+        return hidden_states + mlp_gate * self.mlp(self.layer_norm2(hidden_states))
+
+
+def _run_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    output = layer(hidden_states, None)
+    # transformers 4.x encoder layers return a tuple, 5.x a tensor.
+    return output[0] if isinstance(output, tuple) else output
+
+
+class LocalizedVisionBackbone(nn.Module):
+    """SigLIP tower + mask embedding + gated adapters: (N, 8, S, S) focal prompts -> (N, T, C)."""
+
+    def __init__(self, config: DamConfig, tower: SiglipVisionModel | None = None) -> None:
+        super().__init__()
+        vision_config = config.vision_config
+        self.tower = tower if tower is not None else SiglipVisionModel(vision_config)
+        self.mask_patch_embedding = MaskPatchEmbedding(vision_config)
+        self.adapters = nn.ModuleList(
+            GatedCrossAttentionAdapter(vision_config, config.gate_type)
+            for _ in range(vision_config.num_hidden_layers)
+        )
+        self.num_layers_run = config.num_vision_layers_run
+        self.zero_init_new_modules()
+
+    @torch.no_grad()
+    def zero_init_new_modules(self) -> None:
+        """E_M and all gates to zero: the identity-at-initialisation state."""
+        nn.init.zeros_(self.mask_patch_embedding.weight)
+        nn.init.zeros_(self.mask_patch_embedding.bias)
+        for adapter in self.adapters:
+            nn.init.zeros_(adapter.attn_gate)
+            nn.init.zeros_(adapter.mlp_gate)
+
+    @property
+    def _siglip(self) -> nn.Module:
+        # transformers 4.x nests embeddings/encoder under `.vision_model`; 5.x has them on the model.
+        return getattr(self.tower, "vision_model", self.tower)
+
+    def embed(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) image and (N, 1, S, S) mask in [-1, 1] -> (N, T, C) token embeddings."""
+        dtype = self.mask_patch_embedding.weight.dtype
+        image_tokens = self._siglip.embeddings(rgb.to(dtype))
+        mask_tokens = self.mask_patch_embedding(mask.to(dtype)).flatten(2).transpose(1, 2)
+        return image_tokens + mask_tokens
+
+    def _layer(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        # SigLIP's layers checkpoint themselves when gradient checkpointing is enabled.
+        return _run_layer(self._siglip.encoder.layers[index], hidden_states)
+
+    def encode_global(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """z: the plain (mask-embedded) tower's selected hidden state of the full image."""
+        hidden_states = self.embed(rgb, mask)
+        for index in range(self.num_layers_run):
+            hidden_states = self._layer(index, hidden_states)
+        return hidden_states
+
+    def encode_regional(
+        self,
+        rgb: torch.Tensor,
+        mask: torch.Tensor,
+        context: torch.Tensor,
+        adapters_active: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The crop through the same layers, each followed by its adapter attending to `context`."""
+        hidden_states = self.embed(rgb, mask)
+        for index in range(self.num_layers_run):
+            hidden_states = self._layer(index, hidden_states)
+            hidden_states = self.adapters[index](hidden_states, context, adapters_active)
+        return hidden_states
+
+    def forward(
+        self, pixel_values: torch.Tensor, crop_is_full_image: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, 8, S, S) focal prompts [full RGB, full mask, crop RGB, crop mask] -> (N, T, C).
+
+        `crop_is_full_image` (N,) bool: where set, the adapters are skipped for that region
+        (the released checkpoints' behaviour); pass None to always apply them.
+        """
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 8:
+            raise ValueError(
+                f"pixel_values must be (N, 8, S, S) focal prompts, got shape {tuple(pixel_values.shape)}"
+            )
+        context = self.encode_global(pixel_values[:, 0:3], pixel_values[:, 3:4])
+        active = None if crop_is_full_image is None else ~crop_is_full_image.bool()
+        return self.encode_regional(pixel_values[:, 4:7], pixel_values[:, 7:8], context, active)

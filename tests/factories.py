@@ -1,0 +1,111 @@
+"""Tiny random models and tokenizers for CPU tests (transformers ModelTester sizes)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig
+
+from dam.modeling import DamConfig, DamForConditionalGeneration
+
+WORDS = (
+    "user assistant a the of in on and with is red green blue yellow small large circle square triangle dog cat "
+    "describe masked region detail object image video frames given above sequence form sentence "
+    "words left right top bottom center striped dotted solid shiny wooden table sky tree car . , :"
+).split()
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} "
+    "{% if m['role'] == 'assistant' %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant :{% endif %}"
+)
+
+
+def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    vocab = {token: index for index, token in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_vision_config(**overrides) -> SiglipVisionConfig:
+    values = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+        image_size=16, patch_size=4, attn_implementation="sdpa",
+    )
+    values.update(overrides)
+    return SiglipVisionConfig(**values)
+
+
+def tiny_llama_config(vocab_size: int = 99, **overrides) -> LlamaConfig:
+    values = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa",
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_qwen2_config(vocab_size: int = 99) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+
+
+def tiny_dam_config(**overrides) -> DamConfig:
+    tokenizer = tiny_tokenizer()
+    values = dict(
+        vision_config=tiny_vision_config(),
+        text_config=tiny_llama_config(vocab_size=len(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        focal_min_size=8,
+    )
+    values.update(overrides)
+    return DamConfig(**values)
+
+
+def tiny_dam(seed: int = 0, perturb_new_modules: bool = True, **overrides) -> DamForConditionalGeneration:
+    """A tiny DAM; by default its gates and mask embedding are made non-zero so that the
+    regional pass really depends on the mask and the global context."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = DamForConditionalGeneration(tiny_dam_config(**overrides)).eval()
+    if perturb_new_modules:
+        with torch.no_grad():
+            model.vision.mask_patch_embedding.weight.normal_(0, 0.5)
+            for parameter in model.projector.parameters():
+                parameter.normal_(0, 0.5)
+            for adapter in model.vision.adapters:
+                adapter.attn_gate.fill_(0.7)
+                adapter.mlp_gate.fill_(0.5)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def random_image(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def box_mask(height: int, width: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask

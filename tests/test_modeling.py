@@ -1,0 +1,178 @@
+"""DAM model: identity at initialisation, gradients, save/load, from_parts, projector order."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM, SiglipVisionModel
+
+from dam.modeling import DamConfig, DamForConditionalGeneration, TokenDownsample2x2
+from dam.processing import DamProcessor
+from tests.factories import (
+    box_mask,
+    random_image,
+    tiny_dam,
+    tiny_dam_config,
+    tiny_llama_config,
+    tiny_qwen2_config,
+    tiny_tokenizer,
+    tiny_vision_config,
+)
+
+
+def focal_batch(model, num_regions=3):
+    processor = DamProcessor(tiny_tokenizer(), model.config)
+    image = random_image(48, 64, seed=1)
+    masks = [box_mask(48, 64, 2 + 7 * i, 3 + 5 * i, 12 + 9 * i, 20 + 5 * i) for i in range(num_regions)]
+    return processor([[(image, mask)] for mask in masks])
+
+
+@pytest.mark.parametrize("gate_type", ["tanh", "scalar"])
+def test_regional_features_equal_base_siglip_of_the_crop_at_init(gate_type):
+    torch.manual_seed(0)
+    model = DamForConditionalGeneration(tiny_dam_config(gate_type=gate_type)).eval()
+    batch = focal_batch(model)
+    pixels = batch["pixel_values"]
+    features = model.vision(pixels)
+    base = SiglipVisionModel(model.config.vision_config).eval()
+    base.load_state_dict(model.vision.tower.state_dict())
+    expected = base(pixels[:, 4:7], output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(features, expected)
+    # and the mask really reaches the features once E_M is non-zero
+    with torch.no_grad():
+        model.vision.mask_patch_embedding.weight.normal_()
+    assert not torch.equal(model.vision(pixels), expected)
+
+
+@pytest.mark.parametrize("gate_type", ["tanh", "scalar"])
+def test_gates_and_mask_embedding_learn_from_identity(gate_type):
+    torch.manual_seed(0)
+    model = DamForConditionalGeneration(tiny_dam_config(gate_type=gate_type)).train()
+    tokenizer = tiny_tokenizer()
+    processor = DamProcessor(tokenizer, model.config)
+    image = random_image(48, 64, seed=2)
+    regions = [[(image, box_mask(48, 64, 5, 5, 30, 40))], [(image, box_mask(48, 64, 40, 10, 60, 20))]]
+    encoded = [processor.encode(None, 1, answer=text) for text in ("a red circle", "the blue square on a table")]
+    input_ids, attention_mask = processor.pad([e.input_ids for e in encoded], side="right")
+    labels, _ = processor.pad([e.labels for e in encoded], side="right", value=-100)
+    pixel_values = processor.pixel_values([p for frames in regions for p in processor.focal_prompts(frames)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    adapter = model.vision.adapters[0]
+    for step in range(2):
+        optimizer.zero_grad()
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels).loss
+        loss.backward()
+        for name, parameter in [
+            ("attn_gate", adapter.attn_gate),
+            ("mlp_gate", adapter.mlp_gate),
+            ("mask_patch_embedding", model.vision.mask_patch_embedding.weight),
+        ]:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, (step, name)
+        if step == 1:  # once the gates moved, the adapters' own weights learn too
+            assert adapter.cross_attn.q_proj.weight.grad.abs().sum() > 0
+        optimizer.step()
+    assert adapter.attn_gate.item() != 0.0
+
+
+def test_loss_only_on_answer_tokens():
+    model = tiny_dam()
+    processor = DamProcessor(tiny_tokenizer(), model.config)
+    encoded = processor.encode(None, 1, answer="a red circle")
+    answer_len = sum(label != -100 for label in encoded.labels)
+    assert answer_len == 4  # three words + end of turn marker of the chat template's "</s>"
+    assert encoded.input_ids[-answer_len:] == encoded.labels[-answer_len:]
+
+
+def test_mismatched_image_tokens_raise():
+    model = tiny_dam()
+    batch = focal_batch(model, num_regions=2)
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:1])
+
+
+@pytest.mark.parametrize("projector_type", ["mlp2x_gelu", "mlp_downsample"])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, projector_type):
+    model = tiny_dam(projector_type=projector_type)
+    batch = focal_batch(model)
+    with torch.no_grad():
+        before = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded = DamForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.projector_type == projector_type
+    with torch.no_grad():
+        after = loaded(**batch).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("llm_kind", ["llama", "qwen2"])
+def test_from_parts_with_saved_siglip_and_llm(tmp_path, llm_kind):
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": []})
+    vision = SiglipVisionModel(tiny_vision_config())
+    if llm_kind == "llama":
+        llm = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer) - 1))
+    else:
+        llm = Qwen2ForCausalLM(tiny_qwen2_config(vocab_size=len(tokenizer) - 1))
+    vision.save_pretrained(tmp_path / "siglip")
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    model = DamForConditionalGeneration.from_parts(
+        vision=tmp_path / "siglip", llm=tmp_path / "llm", projector_type="mlp_downsample", focal_min_size=8
+    ).eval()
+    assert model.config.text_config.model_type == llm_kind
+    # pretrained weights survive composition, new modules start at identity
+    torch.testing.assert_close(
+        model.vision.tower.state_dict()["embeddings.patch_embedding.weight"]
+        if "embeddings.patch_embedding.weight" in model.vision.tower.state_dict()
+        else model.vision.tower.state_dict()["vision_model.embeddings.patch_embedding.weight"],
+        vision.state_dict()[next(k for k in vision.state_dict() if k.endswith("embeddings.patch_embedding.weight"))],
+    )
+    assert all(a.attn_gate.item() == 0 and a.mlp_gate.item() == 0 for a in model.vision.adapters)
+    assert model.vision.mask_patch_embedding.weight.abs().sum() == 0
+    original_rows = llm.get_input_embeddings().weight.shape[0]
+    torch.testing.assert_close(
+        model.get_input_embeddings().weight[:original_rows], llm.get_input_embeddings().weight[:original_rows]
+    )
+    processor = DamProcessor(model.tokenizer, model.config)
+    batch = processor([[(random_image(40, 40, 3), box_mask(40, 40, 5, 5, 20, 20))]])
+    new_tokens = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert new_tokens.shape == (1, 5)
+    model.save_pretrained(tmp_path / "dam")
+    reloaded = DamForConditionalGeneration.from_pretrained(tmp_path / "dam").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_downsample_merges_2x2_blocks_in_documented_order():
+    grid, channels = 5, 2
+    # token (r, c) carries the values (r, c) in its two channels
+    tokens = torch.tensor([[[r, c] for r in range(grid) for c in range(grid)]], dtype=torch.float32)
+    tokens = tokens.view(1, grid * grid, channels)
+    merged = TokenDownsample2x2()(tokens)
+    assert merged.shape == (1, 9, 4 * channels)
+
+    def expected(block_r, block_c):
+        values = []
+        for dr, dc in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            r, c = 2 * block_r + dr, 2 * block_c + dc
+            values += [r, c] if r < grid and c < grid else [0, 0]  # zero pad bottom/right
+        return values
+
+    for index in range(9):
+        block_r, block_c = divmod(index, 3)
+        assert merged[0, index].tolist() == expected(block_r, block_c)
+
+
+def test_config_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="projector_type"):
+        tiny_dam_config(projector_type="mlp3x")
+    with pytest.raises(ValueError, match="gate_type"):
+        tiny_dam_config(gate_type="sigmoid")
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        tiny_dam_config(vision_feature_layer=-9)
+
+
+def test_config_round_trips_through_dict():
+    config = tiny_dam_config(projector_type="mlp_downsample", gate_type="scalar")
+    rebuilt = DamConfig(**config.to_dict())
+    assert rebuilt.num_image_tokens == 4 and rebuilt.gate_type == "scalar"
+    assert rebuilt.vision_config.hidden_size == 32 and rebuilt.text_config.model_type == "llama"
