@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen2Config
 
 from dam.modeling import DamConfig, DamForConditionalGeneration
+from dam.modeling.sizes import tiny_config, tiny_llama_config, tiny_siglip_config  # noqa: F401 (re-exported)
+from dam.tokenization import build_word_level_tokenizer
 
 WORDS = (
     "user assistant a the of in on and with is red green blue yellow small large circle square triangle dog cat "
     "describe masked region detail object image video frames given above sequence form sentence "
     "words left right top bottom center striped dotted solid shiny wooden table sky tree car . , :"
 ).split()
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} "
     "{% if m['role'] == 'assistant' %}</s>{% endif %}{% endfor %}"
@@ -22,42 +23,7 @@ CHAT_TEMPLATE = (
 
 
 def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
-    vocab = {token: index for index, token in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<image>"],
-    )
-    if chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_vision_config(**overrides) -> SiglipVisionConfig:
-    values = dict(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-        image_size=16, patch_size=4, attn_implementation="sdpa",
-    )
-    values.update(overrides)
-    return SiglipVisionConfig(**values)
-
-
-def tiny_llama_config(vocab_size: int = 99, **overrides) -> LlamaConfig:
-    values = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa",
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return build_word_level_tokenizer(WORDS, chat_template=CHAT_TEMPLATE if chat_template else None)
 
 
 def tiny_qwen2_config(vocab_size: int = 99) -> Qwen2Config:
@@ -71,21 +37,13 @@ def tiny_qwen2_config(vocab_size: int = 99) -> Qwen2Config:
 
 def tiny_dam_config(**overrides) -> DamConfig:
     tokenizer = tiny_tokenizer()
-    values = dict(
-        vision_config=tiny_vision_config(),
-        text_config=tiny_llama_config(vocab_size=len(tokenizer)),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        focal_min_size=8,
-    )
-    values.update(overrides)
-    return DamConfig(**values)
+    overrides.setdefault("prompt_template", "chat")
+    return tiny_config(tokenizer.convert_tokens_to_ids("<image>"), len(tokenizer), **overrides)
 
 
 def tiny_dam(seed: int = 0, perturb_new_modules: bool = True, **overrides) -> DamForConditionalGeneration:
     """A tiny DAM; by default its gates and mask embedding are made non-zero so that the
     regional pass really depends on the mask and the global context."""
-    import torch
-
     torch.manual_seed(seed)
     model = DamForConditionalGeneration(tiny_dam_config(**overrides)).eval()
     if perturb_new_modules:

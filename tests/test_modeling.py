@@ -14,7 +14,7 @@ from tests.factories import (
     tiny_llama_config,
     tiny_qwen2_config,
     tiny_tokenizer,
-    tiny_vision_config,
+    tiny_siglip_config,
 )
 
 
@@ -107,7 +107,7 @@ def test_from_parts_with_saved_siglip_and_llm(tmp_path, llm_kind):
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": []})
-    vision = SiglipVisionModel(tiny_vision_config())
+    vision = SiglipVisionModel(tiny_siglip_config())
     if llm_kind == "llama":
         llm = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer) - 1))
     else:

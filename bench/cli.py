@@ -1,0 +1,24 @@
+"""`dam-bench`: the scoring and speed harness; each subcommand is a module of this package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"speed-describe": "bench.speed_describe"}
+    parser = argparse.ArgumentParser(prog="dam-bench", description="Benchmarks of the DAM toolkit.")
+    parser.add_argument("command", choices=sorted(commands), help="benchmark to run (--help after it for options)")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    command = parser.parse_args(argv[:1]).command
+    module = __import__(commands[command], fromlist=["main"])
+    module.main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

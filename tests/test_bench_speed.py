@@ -1,0 +1,24 @@
+"""The speed benchmark runs end to end on a tiny model and both paths agree."""
+
+from bench.cli import main as bench_main
+from bench.speed_describe import main
+
+
+def test_speed_describe_tiny_runs_and_paths_agree(capsys):
+    result = main(["--shape", "tiny", "--num-regions", "6", "--batch-size", "4", "--max-new-tokens", "5",
+                   "--device", "cpu", "--dtype", "float32"])
+    assert result["agree"] == 6
+    assert result["batched_rate"] > 0 and result["sequential_rate"] > 0
+    assert "speed-up batched / one-per-call" in capsys.readouterr().out
+
+
+def test_dam_bench_dispatches_and_rejects_unknown_commands(capsys):
+    assert bench_main(["speed-describe", "--num-regions", "2", "--batch-size", "2", "--max-new-tokens", "2",
+                       "--device", "cpu", "--dtype", "float32"]) == 0
+    assert "regions/s" in capsys.readouterr().out
+    try:
+        bench_main(["nope"])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    else:
+        raise AssertionError("unknown command accepted")
