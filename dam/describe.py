@@ -209,7 +209,7 @@ class DescribeAnything:
             raise DamInputError(f"batch_size must be >= 1, got {batch_size}")
         requests = [self._request(item, query) for item in regions]
         # Similar prompt lengths side by side keep padding small; order is restored below.
-        lengths = [len(self.processor.encode(r.query, len(r.frames)).input_ids) for r in requests]
+        lengths = [len(self.processor.prompt_ids(r.query, len(r.frames))) for r in requests]
         order = sorted(range(len(requests)), key=lambda index: lengths[index])
         texts: list[str | None] = [None] * len(requests)
         batches = range(0, len(order), batch_size)

@@ -24,6 +24,7 @@ from dam.modeling.configuration_dam import DamConfig
 from dam.prompts import IMAGE_PLACEHOLDER, render_conversation, with_image_slots
 
 IGNORE_INDEX = -100
+_PROMPT_CACHE_SIZE = 4096
 
 
 @dataclass
@@ -54,6 +55,7 @@ class DamProcessor:
         self.default_query = config.default_query
         if tokenizer.pad_token_id is None:
             raise DamInputError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its EOS token)")
+        self._prompt_ids: dict[tuple[str | None, int], list[int]] = {}
 
     # ---- pixels -------------------------------------------------------------------------
 
@@ -104,6 +106,15 @@ class DamProcessor:
             answer_ids = answer_ids + [self.tokenizer.eos_token_id]
         return EncodedText(input_ids + answer_ids, [IGNORE_INDEX] * len(input_ids) + answer_ids)
 
+    def prompt_ids(self, query: str | None, num_frames: int) -> list[int]:
+        """`encode(query, num_frames).input_ids`, tokenised once per distinct (query, frames)."""
+        key = (query, num_frames)
+        if key not in self._prompt_ids:
+            if len(self._prompt_ids) >= _PROMPT_CACHE_SIZE:  # many distinct free-form queries
+                self._prompt_ids.clear()
+            self._prompt_ids[key] = self.encode(query, num_frames).input_ids
+        return self._prompt_ids[key]
+
     def pad(
         self, sequences: Sequence[Sequence[int]], side: str = "left", value: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +147,7 @@ class DamProcessor:
         if len(queries) != len(regions):
             raise DamInputError(f"{len(queries)} queries given for {len(regions)} regions")
         prompts = [prompt for frames in regions for prompt in self.focal_prompts(frames)]
-        encoded = [self.encode(query, len(frames)).input_ids for frames, query in zip(regions, queries)]
+        encoded = [self.prompt_ids(query, len(frames)) for frames, query in zip(regions, queries)]
         input_ids, attention_mask = self.pad(encoded, side="left")
         return {
             "input_ids": input_ids,
