@@ -84,9 +84,12 @@ class DescribeAnything:
                 "DescribeAnything.from_pretrained() needs a model: no built-in model ships with "
                 "this version; pass the path of a DAM checkpoint folder"
             )
-        if isinstance(path, Path) or Path(str(path)).exists():
-            if not (Path(path) / "config.json").is_file():
-                raise DamInputError(f"{path} is not a DAM checkpoint folder (it has no config.json)")
+        local = Path(str(path))
+        looks_local = isinstance(path, Path) or local.is_absolute() or str(path).startswith(".") or local.exists()
+        if looks_local and not local.is_dir():
+            raise DamInputError(f"model folder {path} does not exist: pass the folder of a DAM checkpoint")
+        if looks_local and not (local / "config.json").is_file():
+            raise DamInputError(f"{path} is not a DAM checkpoint folder (it has no config.json)")
         try:
             model = DamForConditionalGeneration.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)

@@ -136,6 +136,8 @@ def test_from_pretrained_without_a_model_explains(tmp_path):
         DescribeAnything.from_pretrained()
     with pytest.raises(DamInputError, match="config.json"):
         DescribeAnything.from_pretrained(tmp_path)
+    with pytest.raises(DamInputError, match="does not exist"):
+        DescribeAnything.from_pretrained(tmp_path / "absent")
     with pytest.raises(DamInputError, match="dtype"):
         DescribeAnything.from_pretrained(tmp_path / "x", dtype="float13")
 

@@ -1,0 +1,370 @@
+"""The ``dam`` command: caption a region of an image or an object through a video from a shell.
+
+    dam describe --model ./dam-3b --image photo.jpg --mask mask.png
+    dam describe --model ./dam-3b --image photo.jpg --box 40 30 200 180 \\
+        --sam-checkpoint sam_vit_h_4b8939.pth --out overlay.png --json
+    dam describe --model ./dam-3b --video clip.mp4 --mask masklet.json
+
+Only the result goes to stdout (the caption, or one JSON object with ``--json``), so the
+command composes with pipes; diagnostics go through ``logging`` to stderr (``-v`` for more).
+Errors the user can fix (missing files, bad masks, missing options) print one line prefixed
+``dam: error:`` and exit with status 2, as argparse does for bad options; no traceback.
+
+Subcommands register themselves in :func:`build_parser` with ``set_defaults(handler=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dam.errors import DamInputError
+
+logger = logging.getLogger(__name__)
+
+_MASK_IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg"}
+_EXIT_USER_ERROR = 2
+
+
+# ---- argument types ---------------------------------------------------------------------
+
+
+def _point(text: str) -> tuple[float, float]:
+    """'X,Y' -> (x, y) in pixels."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a point is X,Y in pixels (e.g. 120,45), got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+# ---- parser -----------------------------------------------------------------------------
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes (used as an argparse parent parser)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more to stderr (-v: info, -vv: debug)"
+    )
+    return common
+
+
+def _add_describe(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "describe",
+        parents=[common],
+        help="caption a masked region of an image, or an object through a video",
+        description=(
+            "Caption one region: of an image (given as a mask, a box or clicked points; boxes and "
+            "points are turned into a mask with segment-anything), or of a video (given as a "
+            "masklet, one mask per frame). Prints the caption, or one JSON object with --json."
+        ),
+    )
+    parser.add_argument("--model", metavar="PATH", help="DAM checkpoint folder (written by save_pretrained)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", metavar="IMG", help="image file (PNG, JPEG, ...)")
+    source.add_argument("--video", metavar="VIDEO", help="video file (mp4, ...); needs --mask with the masklet")
+    region = parser.add_mutually_exclusive_group()
+    region.add_argument(
+        "--mask",
+        metavar="MASK",
+        help=(
+            "image: a mask image (PNG), or a .json file with a COCO RLE dict, a polygon list or a "
+            "COCO annotation with 'segmentation'. video: a .json file with a list of per-frame RLEs "
+            "(null where the object is absent) or a {frame: RLE} object, or a folder of per-frame "
+            "mask PNGs (sorted by name). Without a region option, an RGBA image's alpha is the mask"
+        ),
+    )
+    region.add_argument(
+        "--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
+        help="box in pixels, segmented with SAM (needs --sam-checkpoint)",
+    )
+    region.add_argument(
+        "--points", nargs="+", type=_point, metavar="X,Y",
+        help="clicked points in pixels, segmented with SAM (needs --sam-checkpoint)",
+    )
+    parser.add_argument(
+        "--point-labels", nargs="+", type=int, metavar="L",
+        help="one label per point: 1 foreground (default), 0 background",
+    )
+    parser.add_argument("--prompt", metavar="TEXT", help="the query (default: the model's default query)")
+    parser.add_argument("--out", metavar="PNG", help="write an overlay (region outlined, caption below); images only")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the plain caption")
+    sam = parser.add_argument_group("segment-anything (for --box and --points)")
+    sam.add_argument("--sam-checkpoint", metavar="PTH", help="SAM checkpoint, e.g. sam_vit_h_4b8939.pth")
+    sam.add_argument("--sam-model-type", default="vit_h", metavar="TYPE", help="vit_h (default), vit_l or vit_b")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    runtime.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32)")
+    generation = parser.add_argument_group("generation (default: greedy)")
+    generation.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="caption length limit in tokens")
+    generation.add_argument(
+        "--temperature", type=_non_negative_float, default=0.0, metavar="T",
+        help="sampling temperature; 0 (default) decodes greedily",
+    )
+    generation.add_argument("--top-p", type=_probability, metavar="P", help="nucleus sampling (with --temperature > 0)")
+    parser.set_defaults(handler=_run_describe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dam`` argument parser with all its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="dam",
+        description="Describe Anything: detailed captions of image regions and video masklets.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_options()
+    _add_describe(subparsers, common)
+    return parser
+
+
+# ---- describe ---------------------------------------------------------------------------
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise DamInputError(f"{what} file {path!r} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamInputError(f"{what} file {path!r} could not be read as JSON ({error})") from None
+
+
+def _image_mask_source(path: str) -> Any:
+    """--mask for an image: the loaded JSON object for .json files, else the path itself."""
+    if Path(path).suffix.lower() == ".json":
+        return _read_json(path, "mask")
+    return path
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort key putting frame_2.png before frame_10.png."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def _masklet_source(path: str) -> Any:
+    """--mask for a video: a JSON list / {frame: RLE} object, or a folder of per-frame masks."""
+    folder = Path(path)
+    if folder.is_dir():
+        files = sorted(
+            (f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in _MASK_IMAGE_SUFFIXES),
+            key=_natural_key,
+        )
+        if not files:
+            raise DamInputError(f"mask folder {path!r} has no mask images (.png); put one mask per video frame there")
+        logger.info("masklet: %d mask files from %s", len(files), folder)
+        return [str(f) for f in files]
+    if folder.suffix.lower() != ".json":
+        raise DamInputError(
+            f"--mask {path!r}: a video's masklet is a .json file (a list of per-frame RLEs, null where the "
+            f"object is absent) or a folder of per-frame mask PNGs"
+        )
+    masklet = _read_json(path, "masklet")
+    if not isinstance(masklet, (list, dict)):
+        raise DamInputError(
+            f"masklet file {path!r} holds a {type(masklet).__name__}; expected a list with one RLE (or null) "
+            f"per frame, or a {{frame: RLE}} object"
+        )
+    return masklet
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if args.max_new_tokens is not None:
+        kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.temperature > 0:
+        kwargs.update(do_sample=True, temperature=args.temperature)
+        if args.top_p is not None:
+            kwargs["top_p"] = args.top_p
+    else:
+        kwargs["do_sample"] = False
+        if args.top_p is not None:
+            logger.warning("--top-p has no effect with greedy decoding; give --temperature > 0 to sample")
+    return kwargs
+
+
+def _check_describe_args(args: argparse.Namespace) -> None:
+    """Option combinations argparse cannot express, checked before anything is loaded."""
+    prompted = args.box is not None or args.points is not None
+    if args.point_labels is not None and args.points is None:
+        raise DamInputError("--point-labels needs --points (one label per point)")
+    if args.video is not None:
+        if prompted:
+            raise DamInputError(
+                "--box and --points are for images; for --video give the masklet with --mask "
+                "(a .json list of per-frame RLEs or a folder of per-frame mask PNGs)"
+            )
+        if args.mask is None:
+            raise DamInputError("--video needs --mask: a .json list of per-frame RLEs or a folder of per-frame mask PNGs")
+        if args.out is not None:
+            raise DamInputError("--out: overlays are for images; drop --out when describing a --video")
+    if prompted and args.sam_checkpoint is None:
+        raise DamInputError(
+            "--box and --points need segment-anything to turn them into a mask: pass "
+            "--sam-checkpoint sam_vit_h_4b8939.pth (pip install 'describe-anything-toolkit[sam]'), "
+            "or give the region as --mask"
+        )
+    if args.sam_checkpoint is not None and not Path(args.sam_checkpoint).is_file():
+        raise DamInputError(
+            f"SAM checkpoint {args.sam_checkpoint!r} does not exist; download an official one "
+            f"(sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth) and pass its path"
+        )
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _save_overlay(path: str, pixels: np.ndarray, mask: np.ndarray, caption: str) -> None:
+    from dam.overlay import draw_overlay
+
+    overlay = draw_overlay(pixels, mask, caption)
+    try:
+        overlay.save(path, format=None if Path(path).suffix else "PNG")
+    except ValueError:
+        raise DamInputError(f"--out {path!r}: unknown image extension; use a .png file name") from None
+    logger.info("wrote overlay %s", path)
+
+
+def _run_describe(args: argparse.Namespace) -> int:
+    from dam.describe import DescribeAnything
+    from dam.focal import focal_crop_box
+    from dam.images import image_alpha, load_image, open_image_file
+    from dam.masks import load_mask
+
+    _check_describe_args(args)
+    generate_kwargs = _generation_kwargs(args)
+
+    # Inputs first: a wrong path should fail in a second, not after loading the model.
+    pixels = mask = masklet = None
+    if args.image is not None:
+        picture = open_image_file(args.image, "image")
+        pixels = load_image(picture)
+        if args.mask is not None:
+            mask = load_mask(_image_mask_source(args.mask), pixels.shape[:2])
+        elif args.box is None and args.points is None:
+            alpha = image_alpha(picture)
+            if alpha is None:
+                raise DamInputError(
+                    f"no region given for {args.image!r}: pass --mask MASK, --box X0 Y0 X1 Y1 or "
+                    f"--points X,Y (or use an RGBA image whose alpha channel is the mask)"
+                )
+            mask = load_mask(alpha, pixels.shape[:2])
+    else:
+        masklet = _masklet_source(args.mask)
+
+    describer = DescribeAnything.from_pretrained(
+        args.model,
+        device=args.device or _default_device(),
+        dtype=args.dtype,
+        sam_checkpoint=args.sam_checkpoint,
+        sam_model_type=args.sam_model_type,
+    )
+    config = describer.model.config
+    record: dict[str, Any] = {}
+    if pixels is not None:
+        if mask is None:
+            if args.box is not None:
+                mask = describer.sam.mask_from_box(pixels, args.box)
+            else:
+                mask = describer.sam.mask_from_points(pixels, args.points, args.point_labels)
+            mask = load_mask(mask, pixels.shape[:2])
+        caption = describer.describe(pixels, mask, query=args.prompt, **generate_kwargs)
+        record.update(
+            caption=caption,
+            image=args.image,
+            mask_area=int(mask.sum()),
+            box=list(focal_crop_box(mask, config.focal_alpha, config.focal_min_size)),
+        )
+        if args.out is not None:
+            _save_overlay(args.out, pixels, mask, caption)
+            record["overlay"] = args.out
+    else:
+        from dam.video import prepare_video_inputs
+
+        # Decode the sampled frames once; describing exactly num_video_frames visible frames
+        # samples all of them again, so the caption equals describe_video(path, masklet).
+        frames, masks = prepare_video_inputs(args.video, masklet, config.num_video_frames)
+        caption = describer.describe_video(frames, masks, query=args.prompt, **generate_kwargs)
+        record.update(
+            caption=caption,
+            video=args.video,
+            mask_area=[int(m.sum()) for m in masks],
+            box=[list(focal_crop_box(m, config.focal_alpha, config.focal_min_size)) for m in masks],
+        )
+    record["model"] = args.model
+    print(json.dumps(record) if args.json else caption)
+    return 0
+
+
+# ---- entry point ------------------------------------------------------------------------
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="dam: %(levelname)s: %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``dam`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad option (argparse already printed why)
+        return int(exit_.code or 0)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.handler(args))
+    except (DamInputError, FileNotFoundError, ImportError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return _EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
