@@ -8,7 +8,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"speed-describe": "bench.speed_describe"}
+    commands = {
+        "speed-describe": "bench.speed_describe",
+        "dlc-score": "bench.dlc.scoring",
+        "speed-dlc": "bench.speed_dlc",
+    }
     parser = argparse.ArgumentParser(prog="dam-bench", description="Benchmarks of the DAM toolkit.")
     parser.add_argument("command", choices=sorted(commands), help="benchmark to run (--help after it for options)")
     if not argv or argv[0] in ("-h", "--help"):
@@ -16,8 +20,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command = parser.parse_args(argv[:1]).command
     module = __import__(commands[command], fromlist=["main"])
-    module.main(argv[1:])
-    return 0
+    try:
+        status = module.main(argv[1:])
+    except SystemExit as exit_:  # argparse inside the benchmark (--help, bad option)
+        return int(exit_.code or 0)
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The speed benchmark runs end to end on a tiny model and both paths agree."""
 
+import pytest
+
 from bench.cli import main as bench_main
 from bench.speed_describe import main
 
@@ -16,9 +18,11 @@ def test_dam_bench_dispatches_and_rejects_unknown_commands(capsys):
     assert bench_main(["speed-describe", "--num-regions", "2", "--batch-size", "2", "--max-new-tokens", "2",
                        "--device", "cpu", "--dtype", "float32"]) == 0
     assert "regions/s" in capsys.readouterr().out
-    try:
+    with pytest.raises(SystemExit) as exit_:
         bench_main(["nope"])
-    except SystemExit as exit_:
-        assert exit_.code == 2
-    else:
-        raise AssertionError("unknown command accepted")
+    assert exit_.value.code == 2
+
+
+def test_dam_bench_lists_dlc_score(capsys):
+    assert bench_main(["dlc-score", "--help"]) == 0
+    assert "--judge-model" in capsys.readouterr().out
