@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dam.errors import DamInputError
+from dam.jsonio import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -161,20 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- describe ---------------------------------------------------------------------------
 
 
-def _read_json(path: str, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise DamInputError(f"{what} file {path!r} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DamInputError(f"{what} file {path!r} could not be read as JSON ({error})") from None
-
-
 def _image_mask_source(path: str) -> Any:
     """--mask for an image: the loaded JSON object for .json files, else the path itself."""
     if Path(path).suffix.lower() == ".json":
-        return _read_json(path, "mask")
+        return read_json(path, "mask")
     return path
 
 
@@ -200,7 +191,7 @@ def _masklet_source(path: str) -> Any:
             f"--mask {path!r}: a video's masklet is a .json file (a list of per-frame RLEs, null where the "
             f"object is absent) or a folder of per-frame mask PNGs"
         )
-    masklet = _read_json(path, "masklet")
+    masklet = read_json(path, "masklet")
     if not isinstance(masklet, (list, dict)):
         raise DamInputError(
             f"masklet file {path!r} holds a {type(masklet).__name__}; expected a list with one RLE (or null) "

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dam.errors import DamInputError
+from dam.jsonio import read_json, write_json_atomic
 
 from bench.dlc.judge import Judge, OpenAIJudge, read_api_key
 from bench.dlc.parsing import parse_answer
@@ -54,48 +52,27 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except OSError as exc:
-        raise DamInputError(f"cannot read the {what} file {path!s}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise DamInputError(f"the {what} file {path!s} is not valid JSON: {exc}") from exc
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temp file beside `path`, then rename it over `path` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def region_questions(questions: Sequence[Mapping[str, Any]], class_name: str) -> list[dict[str, Any]]:
     """The region's questions in protocol order: recognition first, then qa.json's own."""
     return [recognition_question(class_name), *[dict(q) for q in questions]]
 
 
 def score_region(
-    pred: str, questions: Sequence[Mapping[str, Any]], responses: Sequence[str | None]
+    pred: str,
+    questions: Sequence[Mapping[str, Any]],
+    responses: Sequence[str | None],
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The eval.json entry of one region from its questions (recognition first) and the judge's
-    raw responses, in the same order."""
+    raw responses, in the same order; `prompts` are the messages sent (built when not given)."""
+    if prompts is None:
+        prompts = [build_prompt(pred, q["question"], q["choices"]) for q in questions]
     details_recognition: list[dict[str, Any]] = []
     details_positives: list[dict[str, Any]] = []
     details_negatives: list[dict[str, Any]] = []
     recognition_result: str | None = None
-    prompts: list[str] = []
     for q, response in zip(questions, responses, strict=True):
         choices = q["choices"]
-        prompts.append(build_prompt(pred, q["question"], choices))
         idx = parse_answer(response, choices)
         answer = choices[idx][0] if idx is not None else None
         # An unparseable answer scores 0: it neither earns nor loses points.
@@ -126,7 +103,7 @@ def score_region(
         "details_positives": details_positives,
         "details_negatives": details_negatives,
         "details_recognition": details_recognition,
-        "prompt": prompts,
+        "prompt": list(prompts),
         "response": list(responses),
         "score": _mean(all_scores) if all_scores else 0.0,
         "score_pos": _mean(pos_scores),
@@ -223,7 +200,7 @@ async def ascore_dlc(
             return await judge.answer(prompt)
 
         responses = await asyncio.gather(*(ask(p) for p in prompts))
-        regions[ann_id] = score_region(pred, questions, responses)
+        regions[ann_id] = score_region(pred, questions, responses, prompts)
         return ann_id
 
     tasks = [asyncio.ensure_future(run_region(ann_id)) for ann_id in qa]
