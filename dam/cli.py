@@ -58,24 +58,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
+def _float_in(low: float, high: float, low_inclusive: bool, description: str) -> Any:
+    """An argparse type accepting floats in the range (NaN and non-numbers rejected)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        above_low = value >= low if low_inclusive else value > low
+        if not (above_low and value <= high):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return value
+_non_negative_float = _float_in(0.0, float("inf"), True, "a number >= 0")
+_probability = _float_in(0.0, 1.0, False, "in (0, 1]")
 
 
 # ---- parser -----------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def _save_overlay(path: str, pixels: np.ndarray, mask: np.ndarray, caption: str)
 def _run_describe(args: argparse.Namespace) -> int:
     from dam.describe import DescribeAnything
     from dam.focal import focal_crop_box
-    from dam.images import image_alpha, load_image, open_image_file
+    from dam.images import load_image_and_alpha
     from dam.masks import load_mask
 
     _check_describe_args(args)
@@ -272,12 +272,10 @@ def _run_describe(args: argparse.Namespace) -> int:
     # Inputs first: a wrong path should fail in a second, not after loading the model.
     pixels = mask = masklet = None
     if args.image is not None:
-        picture = open_image_file(args.image, "image")
-        pixels = load_image(picture)
+        pixels, alpha = load_image_and_alpha(args.image)
         if args.mask is not None:
             mask = load_mask(_image_mask_source(args.mask), pixels.shape[:2])
         elif args.box is None and args.points is None:
-            alpha = image_alpha(picture)
             if alpha is None:
                 raise DamInputError(
                     f"no region given for {args.image!r}: pass --mask MASK, --box X0 Y0 X1 Y1 or "
@@ -297,12 +295,7 @@ def _run_describe(args: argparse.Namespace) -> int:
     config = describer.model.config
     record: dict[str, Any] = {}
     if pixels is not None:
-        if mask is None:
-            if args.box is not None:
-                mask = describer.sam.mask_from_box(pixels, args.box)
-            else:
-                mask = describer.sam.mask_from_points(pixels, args.points, args.point_labels)
-            mask = load_mask(mask, pixels.shape[:2])
+        pixels, mask = describer.resolve_region(pixels, mask, args.box, args.points, args.point_labels)
         caption = describer.describe(pixels, mask, query=args.prompt, **generate_kwargs)
         record.update(
             caption=caption,

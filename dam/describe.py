@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextIteratorStreamer
 
 from dam.errors import DamInputError
-from dam.images import image_alpha, load_image
+from dam.images import load_image_and_alpha
 from dam.masks import load_mask
 from dam.modeling import DamForConditionalGeneration
 from dam.processing import DamProcessor
@@ -113,16 +113,17 @@ class DescribeAnything:
 
     # ---- inputs -------------------------------------------------------------------------
 
-    def _region(
+    def resolve_region(
         self, image: Any, mask: Any = None, box: Any = None, points: Any = None, point_labels: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 image, bool mask) from any accepted image and one of mask / box / points."""
+        """(uint8 image, bool mask) from any accepted image and one of mask / box / points
+        (boxes and points through SAM; with none of them, the image's alpha channel)."""
         given = [name for name, value in (("mask", mask), ("box", box), ("points", points)) if value is not None]
         if len(given) > 1:
             raise DamInputError(f"give one of mask, box or points, not {' and '.join(given)}")
-        pixels = load_image(image)
+        pixels, alpha = load_image_and_alpha(image)
         if mask is None and not given:
-            mask = image_alpha(image)
+            mask = alpha
             if mask is None:
                 raise DamInputError(
                     "no region given: pass mask=..., box=[x0, y0, x1, y1] or points=[[x, y], ...] "
@@ -150,11 +151,11 @@ class DescribeAnything:
             unknown = set(item) - keys - {"query"}
             if unknown:
                 raise DamInputError(f"unknown keys {sorted(unknown)} in a region dict; use {sorted(keys | {'query'})}")
-            region = self._region(**{key: item[key] for key in keys & set(item)})
+            region = self.resolve_region(**{key: item[key] for key in keys & set(item)})
             return _Request([region], item_query)
         if isinstance(item, (tuple, list)) and len(item) in (2, 3):
             item_query = item[2] if len(item) == 3 else query
-            return _Request([self._region(item[0], item[1])], item_query)
+            return _Request([self.resolve_region(item[0], item[1])], item_query)
         raise DamInputError(
             f"a region must be (image, mask), (image, mask, query) or a dict with image and mask/box/points, "
             f"got {type(item).__name__}"
@@ -191,7 +192,7 @@ class DescribeAnything:
         **generate_kwargs: Any,
     ) -> str:
         """Describe one region of `image`, given as a mask, a box or clicked points."""
-        request = _Request([self._region(image, mask, box, points, point_labels)], query)
+        request = _Request([self.resolve_region(image, mask, box, points, point_labels)], query)
         return self._generate([request], generate_kwargs)[0]
 
     def describe_batch(
@@ -243,7 +244,7 @@ class DescribeAnything:
         **generate_kwargs: Any,
     ) -> Iterator[str]:
         """Yield the description of one region piece by piece as it is generated."""
-        request = _Request([self._region(image, mask, box, points, point_labels)], query)
+        request = _Request([self.resolve_region(image, mask, box, points, point_labels)], query)
         inputs = self._inputs([request])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []

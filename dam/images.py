@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from dam.errors import DamInputError
 
-__all__ = ["load_image", "image_alpha", "open_image_file", "is_torch_tensor", "tensor_to_numpy"]
+__all__ = ["load_image", "image_alpha", "load_image_and_alpha", "open_image_file", "is_torch_tensor", "tensor_to_numpy"]
 
 _ACCEPTED = (
     "a path to an image file, a PIL image, a numpy array (H, W), (H, W, 1), (H, W, 3) or "
@@ -63,10 +63,7 @@ def load_image(image: Any) -> np.ndarray:
     a copy. A PIL image is taken as its pixels are: EXIF orientation is only applied to files
     this function opens itself.
     """
-    pixels = _decode(image)
-    if pixels.shape[2] == 3:
-        return np.ascontiguousarray(pixels)
-    return np.ascontiguousarray(pixels[:, :, :3])
+    return load_image_and_alpha(image)[0]
 
 
 def image_alpha(image: Any) -> np.ndarray | None:
@@ -75,10 +72,15 @@ def image_alpha(image: Any) -> np.ndarray | None:
     Accepts the same inputs as ``load_image`` and gives the alpha in the same orientation as
     ``load_image``'s pixels. Palette images with a transparent index count as having alpha.
     """
+    return load_image_and_alpha(image)[1]
+
+
+def load_image_and_alpha(image: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(load_image(image), image_alpha(image))`` from one decode of ``image``."""
     pixels = _decode(image)
-    if pixels.shape[2] != 4:
-        return None
-    return np.ascontiguousarray(pixels[:, :, 3])
+    if pixels.shape[2] == 3:
+        return np.ascontiguousarray(pixels), None
+    return np.ascontiguousarray(pixels[:, :, :3]), np.ascontiguousarray(pixels[:, :, 3])
 
 
 def _decode(image: Any) -> np.ndarray:

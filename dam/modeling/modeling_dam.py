@@ -211,7 +211,6 @@ class DamForConditionalGeneration(DamPreTrainedModel, GenerationMixin):
             **config_kwargs,
         )
         model = cls(config, vision_tower=vision, language_model=llm)
-        model.vision.zero_init_new_modules()
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         if dtype is not None:
