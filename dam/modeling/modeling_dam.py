@@ -92,6 +92,20 @@ class DamForConditionalGeneration(DamPreTrainedModel, GenerationMixin):
             crop_is_full_image = None
         return self.projector(self.vision(pixel_values, crop_is_full_image))
 
+    def freeze_unused_parameters(self) -> list[str]:
+        """Set requires_grad=False on the parameters no forward reaches; returns their names.
+
+        They would get no gradient: DDP would wait for them (or need find_unused_parameters)
+        and the optimizer and ZeRO would hold state for them.
+        """
+        unused = {id(p) for module in self.vision.unused_modules() for p in module.parameters()}
+        frozen = []
+        for name, parameter in self.named_parameters():
+            if id(parameter) in unused:
+                parameter.requires_grad_(False)
+                frozen.append(name)
+        return frozen
+
     def embed_inputs(
         self,
         input_ids: torch.Tensor,

@@ -112,6 +112,13 @@ class LocalizedVisionBackbone(nn.Module):
             nn.init.zeros_(adapter.attn_gate)
             nn.init.zeros_(adapter.mlp_gate)
 
+    def unused_modules(self) -> list[nn.Module]:
+        """Modules the forward never runs: features come from `vision_feature_layer` (-2), so the
+        tower layers after it, their adapters, SigLIP's post-layernorm and pooling head."""
+        siglip = self._siglip
+        unused: list[nn.Module] = [*siglip.encoder.layers[self.num_layers_run :], *self.adapters[self.num_layers_run :]]
+        return unused + [module for name in ("post_layernorm", "head") if (module := getattr(siglip, name, None)) is not None]
+
     @property
     def _siglip(self) -> nn.Module:
         # transformers 4.x nests embeddings/encoder under `.vision_model`; 5.x has them on the model.
