@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed-describe": "bench.speed_describe",
         "dlc-score": "bench.dlc.scoring",
         "speed-dlc": "bench.speed_dlc",
+        "speed-train": "bench.speed_train",
     }
     parser = argparse.ArgumentParser(prog="dam-bench", description="Benchmarks of the DAM toolkit.")
     parser.add_argument("command", choices=sorted(commands), help="benchmark to run (--help after it for options)")
