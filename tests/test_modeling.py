@@ -31,7 +31,7 @@ def test_regional_features_equal_base_siglip_of_the_crop_at_init(gate_type):
     model = DamForConditionalGeneration(tiny_dam_config(gate_type=gate_type)).eval()
     batch = focal_batch(model)
     pixels = batch["pixel_values"]
-    features = model.vision(pixels)
+    features = model.vision(pixels)[:, 0]
     base = SiglipVisionModel(model.config.vision_config).eval()
     base.load_state_dict(model.vision.tower.state_dict())
     expected = base(pixels[:, 4:7], output_hidden_states=True).hidden_states[-2]
@@ -39,7 +39,7 @@ def test_regional_features_equal_base_siglip_of_the_crop_at_init(gate_type):
     # and the mask really reaches the features once E_M is non-zero
     with torch.no_grad():
         model.vision.mask_patch_embedding.weight.normal_()
-    assert not torch.equal(model.vision(pixels), expected)
+    assert not torch.equal(model.vision(pixels)[:, 0], expected)
 
 
 @pytest.mark.parametrize("gate_type", ["tanh", "scalar"])
@@ -176,3 +176,34 @@ def test_config_round_trips_through_dict():
     rebuilt = DamConfig(**config.to_dict())
     assert rebuilt.num_image_tokens == 4 and rebuilt.gate_type == "scalar"
     assert rebuilt.vision_config.hidden_size == 32 and rebuilt.text_config.model_type == "llama"
+
+
+@pytest.mark.parametrize("mode", ["full_only", "crop_only", "full_and_crop"])
+def test_ablation_modes_encode_only_their_views_without_cross_attention(mode):
+    model = tiny_dam(seed=3, vision_mode=mode)  # non-zero gates: adapters would change the features
+    batch = focal_batch(model)
+    pixels = batch["pixel_values"]
+    with torch.no_grad():
+        model.vision.mask_patch_embedding.weight.zero_()
+        model.vision.mask_patch_embedding.bias.zero_()
+        features = model.vision(pixels)
+    base = SiglipVisionModel(model.config.vision_config).eval()
+    base.load_state_dict(model.vision.tower.state_dict())
+    full = base(pixels[:, 0:3], output_hidden_states=True).hidden_states[-2]
+    crop = base(pixels[:, 4:7], output_hidden_states=True).hidden_states[-2]
+    expected = {"full_only": [full], "crop_only": [crop], "full_and_crop": [full, crop]}[mode]
+    assert features.shape[1] == len(expected) == model.config.num_views
+    for view, reference in enumerate(expected):
+        torch.testing.assert_close(features[:, view], reference)
+    frozen = set(model.freeze_unused_parameters())
+    assert all(name in frozen for name, _ in model.vision.adapters.named_parameters(prefix="vision.adapters"))
+
+
+def test_full_and_crop_feeds_both_token_sets_to_the_llm():
+    model = tiny_dam(seed=4, vision_mode="full_and_crop")
+    single = tiny_dam_config().num_image_tokens
+    assert model.config.num_image_tokens == 2 * single
+    batch = focal_batch(model, num_regions=2)
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 2 * 2 * single
+    out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 3)

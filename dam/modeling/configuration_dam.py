@@ -17,6 +17,7 @@ from dam.errors import DamInputError
 ProjectorType = Literal["mlp2x_gelu", "mlp_downsample"]
 GateType = Literal["tanh", "scalar"]
 PromptTemplateName = Literal["chat", "vicuna_v1", "plain"]
+VisionMode = Literal["focal", "full_only", "crop_only", "full_and_crop"]
 
 
 def _check_choice(name: str, value: str, choices_type: Any) -> None:
@@ -54,6 +55,11 @@ class DamConfig(PretrainedConfig):
         skip_adapters_when_crop_is_full: released-checkpoint behaviour: a region whose focal
             crop is the whole image is encoded without the cross-attention adapters.
         default_query: the query used when the caller gives none.
+        vision_mode: "focal" is DAM (the crop's features, with gated cross-attention to the
+            full image). The ablations of the paper's two ideas: "full_only" (the full image and
+            mask alone, no crop), "crop_only" (the crop alone, no global context) and
+            "full_and_crop" (both encoded separately, both token sets fed to the LLM, no
+            cross-attention; twice the visual tokens).
     """
 
     model_type = "dam"
@@ -73,11 +79,13 @@ class DamConfig(PretrainedConfig):
         focal_min_size: int = 48,
         skip_adapters_when_crop_is_full: bool = False,
         default_query: str = "Describe the masked region in detail.",
+        vision_mode: VisionMode = "focal",
         **kwargs: Any,
     ) -> None:
         _check_choice("projector_type", projector_type, ProjectorType)
         _check_choice("gate_type", gate_type, GateType)
         _check_choice("prompt_template", prompt_template, PromptTemplateName)
+        _check_choice("vision_mode", vision_mode, VisionMode)
         self.vision_config = _sub_config(vision_config, "siglip_vision_model")
         self.text_config = _sub_config(text_config, "llama")
         if not isinstance(self.vision_config, SiglipVisionConfig):
@@ -100,6 +108,7 @@ class DamConfig(PretrainedConfig):
         self.focal_min_size = focal_min_size
         self.skip_adapters_when_crop_is_full = skip_adapters_when_crop_is_full
         self.default_query = default_query
+        self.vision_mode = vision_mode
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
 
@@ -109,11 +118,16 @@ class DamConfig(PretrainedConfig):
         return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
+    def num_views(self) -> int:
+        """Encoded views whose tokens reach the LLM per frame (2 only for "full_and_crop")."""
+        return 2 if self.vision_mode == "full_and_crop" else 1
+
+    @property
     def num_image_tokens(self) -> int:
         """LLM positions one image slot (one frame) takes after the projector."""
         if self.projector_type == "mlp_downsample":
-            return ((self.patch_grid + 1) // 2) ** 2
-        return self.patch_grid**2
+            return self.num_views * ((self.patch_grid + 1) // 2) ** 2
+        return self.num_views * self.patch_grid**2
 
     @property
     def num_vision_layers_run(self) -> int:

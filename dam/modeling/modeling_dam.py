@@ -90,7 +90,9 @@ class DamForConditionalGeneration(DamPreTrainedModel, GenerationMixin):
         """(N, 8, S, S) focal prompts -> (N, num_image_tokens, D) LLM-space features."""
         if not self.config.skip_adapters_when_crop_is_full:
             crop_is_full_image = None
-        return self.projector(self.vision(pixel_values, crop_is_full_image))
+        views = self.vision(pixel_values, crop_is_full_image)  # (N, V, T, C)
+        projected = self.projector(views.flatten(0, 1))  # (N*V, T', D)
+        return projected.view(views.shape[0], -1, projected.shape[-1])  # (N, V*T', D)
 
     def freeze_unused_parameters(self) -> list[str]:
         """Set requires_grad=False on the parameters no forward reaches; returns their names.

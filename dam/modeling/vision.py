@@ -101,6 +101,7 @@ class LocalizedVisionBackbone(nn.Module):
             for _ in range(vision_config.num_hidden_layers)
         )
         self.num_layers_run = config.num_vision_layers_run
+        self.mode = config.vision_mode
         self.zero_init_new_modules()
 
     @torch.no_grad()
@@ -116,7 +117,8 @@ class LocalizedVisionBackbone(nn.Module):
         """Modules the forward never runs: features come from `vision_feature_layer` (-2), so the
         tower layers after it, their adapters, SigLIP's post-layernorm and pooling head."""
         siglip = self._siglip
-        unused: list[nn.Module] = [*siglip.encoder.layers[self.num_layers_run :], *self.adapters[self.num_layers_run :]]
+        first_unused_adapter = self.num_layers_run if self.mode == "focal" else 0  # ablations skip them
+        unused: list[nn.Module] = [*siglip.encoder.layers[self.num_layers_run :], *self.adapters[first_unused_adapter:]]
         return unused + [module for name in ("post_layernorm", "head") if (module := getattr(siglip, name, None)) is not None]
 
     @property
@@ -159,8 +161,9 @@ class LocalizedVisionBackbone(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, crop_is_full_image: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(N, 8, S, S) focal prompts [full RGB, full mask, crop RGB, crop mask] -> (N, T, C).
+        """(N, 8, S, S) focal prompts [full RGB, full mask, crop RGB, crop mask] -> (N, V, T, C).
 
+        V = config.num_views: 1, or 2 for the "full_and_crop" ablation (full view first).
         `crop_is_full_image` (N,) bool: where set, the adapters are skipped for that region
         (the released checkpoints' behaviour); pass None to always apply them.
         """
@@ -168,6 +171,14 @@ class LocalizedVisionBackbone(nn.Module):
             raise ValueError(
                 f"pixel_values must be (N, 8, S, S) focal prompts, got shape {tuple(pixel_values.shape)}"
             )
+        if self.mode == "full_only":
+            return self.encode_global(pixel_values[:, 0:3], pixel_values[:, 3:4])[:, None]
+        if self.mode == "crop_only":
+            return self.encode_global(pixel_values[:, 4:7], pixel_values[:, 7:8])[:, None]
+        if self.mode == "full_and_crop":
+            views = pixel_values.view(-1, 4, *pixel_values.shape[2:])  # (2N, 4, S, S): full, crop, ...
+            encoded = self.encode_global(views[:, 0:3], views[:, 3:4])  # one batched pass for both views
+            return encoded.view(pixel_values.shape[0], 2, *encoded.shape[1:])
         context = self.encode_global(pixel_values[:, 0:3], pixel_values[:, 3:4])
         active = None if crop_is_full_image is None else ~crop_is_full_image.bool()
-        return self.encode_regional(pixel_values[:, 4:7], pixel_values[:, 7:8], context, active)
+        return self.encode_regional(pixel_values[:, 4:7], pixel_values[:, 7:8], context, active)[:, None]
