@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         default=False,
         metavar="CHECKPOINT",
-        help="continue from the latest checkpoint in training.output_dir (or the given checkpoint folder)",
+        help="continue from the newest complete checkpoint in training.output_dir, or the given checkpoint "
+        "folder; 'auto': resume if there is a checkpoint, else start (for restartable cluster jobs)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -250,8 +249,3 @@ class DamCollator:
             "crop_is_full_image": torch.cat([it["crop_is_full_image"] for it in items]),
             "num_corrupt_rows": torch.tensor(sum(it.get("num_corrupt_rows", 0) for it in items)),
         }
-
-
-def epochs_for_steps(num_items: int, global_batch: int, max_steps: int) -> int:
-    """Epochs a run of `max_steps` optimizer steps spans."""
-    return max(1, math.ceil(max_steps * global_batch / max(1, num_items)))

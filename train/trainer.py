@@ -170,8 +170,13 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
 
 
 def resume_checkpoint(output_dir: str, resume: bool | str) -> str | None:
-    """The checkpoint to resume from; refuses to start over a run that has checkpoints."""
+    """The checkpoint to resume from: `resume` is True/"latest" (must exist), "auto" (if any) or a folder.
+
+    Without `resume`, refuses to start over a run that has checkpoints.
+    """
     last = latest_complete_checkpoint(output_dir)
+    if resume == "auto":
+        return last
     if resume is True or resume == "latest":
         if last is None:
             raise ConfigError(f"--resume: no complete checkpoint-N folder in training.output_dir={output_dir!r}")
