@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a checkpoint
+        args.resume = True
     if args.local_rank is not None:  # the `deepspeed` launcher passes --local_rank
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     logging.basicConfig(

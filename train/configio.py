@@ -67,7 +67,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif last:
                 node[part] = value
             else:
-                node = node.setdefault(part, {})
+                if node.get(part) is None:  # a YAML section left empty (`model:`) is null
+                    node[part] = {}
+                node = node[part]
                 if not isinstance(node, (dict, list)):
                     raise ConfigError(f"override {key!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
     return data
@@ -92,7 +94,7 @@ def from_dict(cls: type[T], data: Any, key: str = "") -> T:
     values = {name: _convert(hints[name], data[name], _join(key, name)) for name in data}
     try:
         return cls(**values)
-    except TypeError as error:  # a required field is missing
+    except (TypeError, DamInputError) as error:  # a required field is missing, or __post_init__ refuses a value
         raise ConfigError(f"{where}: {error}") from None
 
 

@@ -144,13 +144,12 @@ class MixedRegionDataset(Dataset):
         for skipped in range(_MAX_CONSECUTIVE_CORRUPT):
             source_index, row_index = self.index[(position + skipped) % len(self.index)]
             source = self.sources[source_index]
-            try:
-                decoded = decode_row(source.rows[int(row_index)], source.root)
+            rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + position + skipped)
+            try:  # encode raises CorruptRowError too (a prompt longer than max_length)
+                item = self.encode(decode_row(source.rows[int(row_index)], source.root), rng)
             except CorruptRowError as error:
                 logger.warning("skipping corrupt row of %s: %s", source.key, error)
                 continue
-            rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + position + skipped)
-            item = self.encode(decoded, rng)
             item["num_corrupt_rows"] = skipped
             return item
         raise RuntimeError(
