@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from dam.commandline import int_at_least, run_command
 from dam.errors import DamInputError
 from dam.jsonio import read_json
 
 logger = logging.getLogger(__name__)
 
 _MASK_IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg"}
-_EXIT_USER_ERROR = 2
 
 
 # ---- argument types ---------------------------------------------------------------------
@@ -46,16 +46,6 @@ def _point(text: str) -> tuple[float, float]:
         return float(parts[0]), float(parts[1])
     except ValueError:
         raise argparse.ArgumentTypeError(f"a point is X,Y in pixels (e.g. 120,45), got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def _float_in(low: float, high: float, low_inclusive: bool, description: str) -> Any:
@@ -101,7 +91,9 @@ def _add_describe(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "masklet, one mask per frame). Prints the caption, or one JSON object with --json."
         ),
     )
-    parser.add_argument("--model", metavar="PATH", help="DAM checkpoint folder (written by save_pretrained)")
+    parser.add_argument(
+        "--model", metavar="PATH", help="DAM checkpoint folder (default: the built-in ShapesDLC model)"
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", metavar="IMG", help="image file (PNG, JPEG, ...)")
     source.add_argument("--video", metavar="VIDEO", help="video file (mp4, ...); needs --mask with the masklet")
@@ -138,7 +130,7 @@ def _add_describe(subparsers: Any, common: argparse.ArgumentParser) -> None:
     runtime.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     runtime.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32)")
     generation = parser.add_argument_group("generation (default: greedy)")
-    generation.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="caption length limit in tokens")
+    generation.add_argument("--max-new-tokens", type=int_at_least(1), metavar="N", help="caption length limit in tokens")
     generation.add_argument(
         "--temperature", type=_non_negative_float, default=0.0, metavar="T",
         help="sampling temperature; 0 (default) decodes greedily",
@@ -319,7 +311,7 @@ def _run_describe(args: argparse.Namespace) -> int:
             mask_area=[int(m.sum()) for m in masks],
             box=[list(focal_crop_box(m, config.focal_alpha, config.focal_min_size)) for m in masks],
         )
-    record["model"] = args.model
+    record["model"] = args.model or "built-in"
     print(json.dumps(record) if args.json else caption)
     return 0
 
@@ -327,27 +319,14 @@ def _run_describe(args: argparse.Namespace) -> int:
 # ---- entry point ------------------------------------------------------------------------
 
 
-def _configure_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.verbose <= 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="dam: %(levelname)s: %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``dam`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or a bad option (argparse already printed why)
-        return int(exit_.code or 0)
-    _configure_logging(args.verbose)
-    try:
-        return int(args.handler(args))
-    except (DamInputError, FileNotFoundError, ImportError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return _EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv, _configure_logging, (DamInputError, FileNotFoundError, ImportError))
 
 
 if __name__ == "__main__":

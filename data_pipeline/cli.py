@@ -17,23 +17,7 @@ import logging
 import sys
 from typing import Any
 
-from dam.errors import DamInputError
-
-_EXIT_USER_ERROR = 2
-
-
-def _int_at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
+from dam.commandline import int_at_least, run_command
 
 def _common_options() -> argparse.ArgumentParser:
     """Options every subcommand takes (used as an argparse parent parser)."""
@@ -54,11 +38,11 @@ def _add_synthetic(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "Rerunning the same command resumes: complete shards are skipped."
         ),
     )
-    parser.add_argument("--num-images", type=_int_at_least(1), required=True, metavar="N", help="number of scenes")
+    parser.add_argument("--num-images", type=int_at_least(1), required=True, metavar="N", help="number of scenes")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (one dataset per folder)")
-    parser.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S", help="dataset seed (default 0)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, metavar="S", help="dataset seed (default 0)")
     parser.add_argument(
-        "--shard-size", type=_int_at_least(1), default=1000, metavar="K", help="images per parquet shard (default 1000)"
+        "--shard-size", type=int_at_least(1), default=1000, metavar="K", help="images per parquet shard (default 1000)"
     )
     parser.set_defaults(handler=_run_synthetic)
 
@@ -85,26 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``dam-data`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or a bad option (argparse already printed why)
-        return int(exit_.code or 0)
+def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="dam-data: %(levelname)s: %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    try:
-        return int(args.handler(args))
-    except DamInputError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return _EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``dam-data`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    return run_command(build_parser(), argv, _configure_logging, interrupted_hint="; rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def test_user_errors_exit_2(files, capsys, tmp_path):
         "10x10": describe_argv(files, "--mask", str(small)),
         "no region": describe_argv(files),
         "--point-labels needs --points": describe_argv(files, "--mask", files["mask"], "--point-labels", "1"),
-        "no built-in model": ["describe", "--image", files["image"], "--mask", files["mask"]],
+        "needs a model": ["describe", "--image", files["image"], "--mask", files["mask"]],
     }
     for expected, argv in cases.items():
         code, out, err = run(capsys, argv)
