@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed-describe": "bench.speed_describe",
         "dlc-score": "bench.dlc.scoring",
         "speed-dlc": "bench.speed_dlc",
+        "shapes": "bench.shapes",
         "speed-train": "bench.speed_train",
     }
     parser = argparse.ArgumentParser(prog="dam-bench", description="Benchmarks of the DAM toolkit.")
