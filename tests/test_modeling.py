@@ -207,3 +207,10 @@ def test_full_and_crop_feeds_both_token_sets_to_the_llm():
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 2 * 2 * single
     out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (2, 3)
+
+
+def test_gate_init_opens_the_gates_of_a_model_trained_from_scratch():
+    model = DamForConditionalGeneration(tiny_dam_config(gate_init=0.5))
+    gates = [g for adapter in model.vision.adapters for g in (adapter.attn_gate, adapter.mlp_gate)]
+    assert all(float(g) == 0.5 for g in gates)
+    assert all(float(g) == 0.0 for a in DamForConditionalGeneration(tiny_dam_config()).vision.adapters for g in (a.attn_gate, a.mlp_gate))

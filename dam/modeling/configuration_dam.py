@@ -60,6 +60,9 @@ class DamConfig(PretrainedConfig):
             mask alone, no crop), "crop_only" (the crop alone, no global context) and
             "full_and_crop" (both encoded separately, both token sets fed to the LLM, no
             cross-attention; twice the visual tokens).
+        gate_init: initial value of every adapter gate. 0 (the paper) makes a new DAM start
+            exactly as its pretrained tower; a model trained from scratch has nothing to
+            preserve and learns to use the global context much faster with open gates.
     """
 
     model_type = "dam"
@@ -80,6 +83,7 @@ class DamConfig(PretrainedConfig):
         skip_adapters_when_crop_is_full: bool = False,
         default_query: str = "Describe the masked region in detail.",
         vision_mode: VisionMode = "focal",
+        gate_init: float = 0.0,
         **kwargs: Any,
     ) -> None:
         _check_choice("projector_type", projector_type, ProjectorType)
@@ -109,6 +113,7 @@ class DamConfig(PretrainedConfig):
         self.skip_adapters_when_crop_is_full = skip_adapters_when_crop_is_full
         self.default_query = default_query
         self.vision_mode = vision_mode
+        self.gate_init = gate_init
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
 

@@ -45,11 +45,11 @@ class DamPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         # The tower and the LLM are PreTrainedModels that initialise themselves; this covers
-        # the modules DAM adds: projector and adapters as usual, E_M and the gates at zero.
+        # the modules DAM adds: projector and adapters as usual, E_M at zero, gates at gate_init.
         super()._init_weights(module)
         if isinstance(module, GatedCrossAttentionAdapter):
-            nn.init.zeros_(module.attn_gate)
-            nn.init.zeros_(module.mlp_gate)
+            nn.init.constant_(module.attn_gate, self.config.gate_init)
+            nn.init.constant_(module.mlp_gate, self.config.gate_init)
         elif isinstance(module, MaskPatchEmbedding):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)

@@ -102,16 +102,17 @@ class LocalizedVisionBackbone(nn.Module):
         )
         self.num_layers_run = config.num_vision_layers_run
         self.mode = config.vision_mode
+        self.gate_init = config.gate_init
         self.zero_init_new_modules()
 
     @torch.no_grad()
     def zero_init_new_modules(self) -> None:
-        """E_M and all gates to zero: the identity-at-initialisation state."""
+        """E_M to zero and the gates to config.gate_init (0: the identity-at-initialisation state)."""
         nn.init.zeros_(self.mask_patch_embedding.weight)
         nn.init.zeros_(self.mask_patch_embedding.bias)
         for adapter in self.adapters:
-            nn.init.zeros_(adapter.attn_gate)
-            nn.init.zeros_(adapter.mlp_gate)
+            nn.init.constant_(adapter.attn_gate, self.gate_init)
+            nn.init.constant_(adapter.mlp_gate, self.gate_init)
 
     def unused_modules(self) -> list[nn.Module]:
         """Modules the forward never runs: features come from `vision_feature_layer` (-2), so the
