@@ -1,7 +1,8 @@
 """Speed of DLC-Bench scoring: concurrent judge requests vs the reference's one-at-a-time loop.
 
 Scores the same synthetic predictions against a local fake judge that waits 20 ms per request
-(bench/dlc/fake_judge.py), once with concurrency 1 (the reference script's behaviour) and once
+(bench/dlc/fake_judge.py, served by its own process so that its Python work does not share
+the client's GIL), once with concurrency 1 (the reference script's behaviour) and once
 with concurrency 32, checks that the scores are identical and prints the speed-up (goal >= 20x).
 Runs on a CPU in seconds:
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.dlc.fake_judge import FakeJudgeServer
+from bench.dlc.fake_judge import FakeJudgeProcess
 from bench.dlc.judge import OpenAIJudge
 from bench.dlc.scoring import score_dlc
 
@@ -38,7 +39,7 @@ def synthetic(regions: int, questions: int) -> tuple[dict, dict, dict]:
 
 def run(regions: int, questions: int, delay_s: float, concurrency: int) -> tuple[float, tuple[float, float], int]:
     qa, names, preds = synthetic(regions, questions)
-    with FakeJudgeServer(delay_s=delay_s) as server:
+    with FakeJudgeProcess(delay_s=delay_s) as server:
         judge = OpenAIJudge(server.base_url, "fake", concurrency=concurrency)
         start = time.perf_counter()
         result = score_dlc(preds, qa, names, judge, None, progress=False)

@@ -1,6 +1,7 @@
 """DLC-Bench against a fake OpenAI-compatible judge on loopback: concurrency, resume, retries,
-rejected requests and an unreachable judge."""
+rejected requests, an unreachable judge, and the HTTP/1.1 client against other server styles."""
 
+import asyncio
 import json
 import socket
 import time
@@ -121,3 +122,114 @@ def test_unreachable_judge_fails_fast_naming_the_url(tmp_path, capsys):
     err = capsys.readouterr().err
     assert url in err and "unreachable" in err
     assert time.monotonic() - start < 5
+
+
+# ---- the HTTP/1.1 client against servers that answer in other ways ------------------------
+
+def _reply(body: dict, *, chunked=False, close=False, keep_alive_then_close=False) -> bytes:
+    data = json.dumps(body).encode()
+    if chunked:
+        half = len(data) // 2
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (data[:half], data[half:]))
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\nX-Trailer: 1\r\n\r\n"
+    if close:
+        return b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + data
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+
+
+async def _serve_raw(mode: str, seen: list):
+    async def handle(reader, writer):
+        answered = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+                body = json.loads(await reader.readexactly(length))
+                if mode == "stale" and answered:
+                    break  # a kept-alive connection the server drops as the next request arrives
+                answered += 1
+                seen.append((head.split(b"\r\n")[0].decode(), body))
+                if mode == "silent":
+                    await asyncio.sleep(10)
+                content = {"choices": [{"message": {"role": "assistant", "content": f"B. {mode}"}}]}
+                writer.write(_reply(content, chunked=mode == "chunked", close=mode == "close"))
+                await writer.drain()
+                if mode == "close":
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the test's event loop is ending
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/"
+
+
+@pytest.mark.parametrize("mode", ["chunked", "close", "stale"])
+def test_client_reads_chunked_and_closing_servers_and_survives_stale_connections(mode):
+    async def run():
+        seen = []
+        server, url = await _serve_raw(mode, seen)
+        # max_attempts=1: a dropped keep-alive connection must be replaced, not count as a failure.
+        judge = OpenAIJudge(url, "m", concurrency=1, max_attempts=1, api_key="k")
+        try:
+            answers = []
+            for prompt in ("first", "second", "third"):
+                answers.append(await judge.answer(prompt))
+        finally:
+            await judge.aclose()
+            server.close()
+        return answers, seen
+
+    answers, seen = asyncio.run(run())
+    assert answers == [f"B. {mode}"] * 3
+    assert [line for line, _ in seen] == ["POST /v1/chat/completions HTTP/1.1"] * 3
+    assert [body["messages"][0]["content"] for _, body in seen] == ["first", "second", "third"]
+    assert seen[0][1]["model"] == "m" and seen[0][1]["max_tokens"] == 300
+
+
+def test_timeout_is_retried_then_reported():
+    async def run():
+        server, url = await _serve_raw("silent", [])
+        judge = OpenAIJudge(url, "m", max_attempts=2, backoff_s=0.01, timeout_s=0.2)
+        try:
+            await judge.answer("hi")
+        finally:
+            await judge.aclose()
+            server.close()
+
+    start = time.monotonic()
+    with pytest.raises(DamInputError, match=r"unreachable after 2 attempts \(no answer within 0.2 s"):
+        asyncio.run(run())
+    assert time.monotonic() - start < 3
+
+
+def test_bad_base_url_and_missing_judge_model_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(DamInputError, match="must start with http"):
+        OpenAIJudge("localhost:8000/v1", "m")
+    _write(tmp_path, 1)
+    with pytest.raises(SystemExit):
+        main(["--pred", str(tmp_path / "preds.json"), "--data-root", str(tmp_path), "--base-url",
+              "http://127.0.0.1:9/v1", "--out", str(tmp_path / "e.json"), "--no-progress"])
+    assert "--judge-model" in capsys.readouterr().err
+
+
+def test_fake_judge_process_serves_and_counts():
+    from bench.dlc.fake_judge import FakeJudgeProcess
+
+    qa, names, preds = _dataset(3)
+    with FakeJudgeServer() as local:
+        ref = score_dlc(preds, qa, names, OpenAIJudge(local.base_url, "fake"), None, progress=False)
+    with FakeJudgeProcess(delay_s=0.01) as server:
+        got = score_dlc(preds, qa, names, OpenAIJudge(server.base_url, "fake", concurrency=4), None, progress=False)
+        stats = server.stats()
+    assert stats["requests"] == 3 * 4 and 1 < stats["max_in_flight"] <= 4
+    assert {a: r["response"] for a, r in got.regions.items()} == {a: r["response"] for a, r in ref.regions.items()}
+
+
+def test_speed_dlc_runs_and_scores_agree(capsys):
+    from bench.speed_dlc import main as speed_main
+
+    assert speed_main(["--regions", "3", "--questions", "2", "--delay-ms", "1", "--concurrency", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "scores identical: True" in out and "speed-up:" in out

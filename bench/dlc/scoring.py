@@ -6,7 +6,9 @@ min(0, s), so a caption cannot earn points for details of the wrong object. All 
 all regions are sent concurrently (bounded by the judge's concurrency); eval.json is written
 atomically as regions finish, and a rerun reuses its stored responses instead of asking again.
 
-Run as `dam-bench dlc-score ...` or `python -m bench.dlc.scoring ...`.
+The judge is an OpenAI-compatible endpoint (--base-url, --judge-model) or a local transformers
+chat model (--judge-path; bench/dlc/local_judge.py). Run as `dam-bench dlc-score ...` or
+`python -m bench.dlc.scoring ...`.
 """
 
 from __future__ import annotations
@@ -264,16 +266,22 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--data-root", help="DLC-bench folder holding qa.json and class_names.json")
     p.add_argument("--qa", help="qa.json (instead of --data-root)")
     p.add_argument("--class-names", help="class_names.json (instead of --data-root)")
-    p.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-    p.add_argument("--judge-model", required=True, help="model name served by the judge endpoint")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    where.add_argument("--judge-path", help="local transformers chat model folder, run in this process instead")
+    p.add_argument("--judge-model", help="model name served by the judge endpoint (with --base-url)")
     p.add_argument("--out", required=True, help="eval.json to write (reused on rerun)")
-    p.add_argument("--concurrency", type=int, default=32, help="judge requests in flight (default 32)")
+    p.add_argument("--concurrency", type=int, default=32, help="judge requests in flight with --base-url (default 32)")
     p.add_argument("--api-key-file", help="file whose first line is the judge API key (else $OPENAI_API_KEY)")
     p.add_argument("--default-prediction", help="caption to use for regions missing from --pred")
     p.add_argument("--max-attempts", type=int, default=6, help="tries per request on 429/5xx/timeouts")
     p.add_argument("--retry-backoff", type=float, default=1.0, help="first retry delay in seconds (doubles)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    local = p.add_argument_group("local judge (with --judge-path)")
+    local.add_argument("--judge-device", help="torch device (default: cuda when available, else cpu)")
+    local.add_argument("--judge-dtype", help="float32, bfloat16 or float16 (default: as saved)")
+    local.add_argument("--judge-batch-size", type=int, default=32, help="prompts per generate (default 32)")
     return p
 
 
@@ -293,15 +301,26 @@ def run_from_args(args: argparse.Namespace) -> int:
     for what, obj, path in (("predictions", preds, args.pred), ("qa", qa, qa_path), ("class names", class_names, names_path)):
         if not isinstance(obj, dict):
             raise DamInputError(f"the {what} file {path!s} must hold a JSON object keyed by ann_id")
-    judge = OpenAIJudge(
-        args.base_url,
-        args.judge_model,
-        concurrency=args.concurrency,
-        api_key=read_api_key(args.api_key_file),
-        max_attempts=args.max_attempts,
-        backoff_s=args.retry_backoff,
-        timeout_s=args.timeout,
-    )
+    judge: Judge
+    if args.judge_path:
+        import torch
+
+        from bench.dlc.local_judge import TransformersJudge
+
+        device = args.judge_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        judge = TransformersJudge(args.judge_path, device, args.judge_dtype, args.judge_batch_size)
+    else:
+        if not args.judge_model:
+            raise DamInputError("--base-url needs --judge-model NAME (the model name the endpoint serves)")
+        judge = OpenAIJudge(
+            args.base_url,
+            args.judge_model,
+            concurrency=args.concurrency,
+            api_key=read_api_key(args.api_key_file),
+            max_attempts=args.max_attempts,
+            backoff_s=args.retry_backoff,
+            timeout_s=args.timeout,
+        )
     result = score_dlc(
         preds, qa, class_names, judge, args.out,
         default_prediction=args.default_prediction, progress=not args.no_progress,
