@@ -10,10 +10,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "speed-describe": "bench.speed_describe",
+        "dlc-outputs": "bench.dlc.outputs",
         "dlc-score": "bench.dlc.scoring",
         "speed-dlc": "bench.speed_dlc",
         "shapes": "bench.shapes",
         "speed-train": "bench.speed_train",
+        "keywords": "bench.keywords",
+        "caption-metrics": "bench.caption_metrics",
+        "video": "bench.video_bench",
     }
     parser = argparse.ArgumentParser(prog="dam-bench", description="Benchmarks of the DAM toolkit.")
     parser.add_argument("command", choices=sorted(commands), help="benchmark to run (--help after it for options)")
