@@ -214,3 +214,9 @@ def test_gate_init_opens_the_gates_of_a_model_trained_from_scratch():
     gates = [g for adapter in model.vision.adapters for g in (adapter.attn_gate, adapter.mlp_gate)]
     assert all(float(g) == 0.5 for g in gates)
     assert all(float(g) == 0.0 for a in DamForConditionalGeneration(tiny_dam_config()).vision.adapters for g in (a.attn_gate, a.mlp_gate))
+
+
+def test_mask_embedding_init_random_makes_the_mask_visible_from_the_start():
+    model = DamForConditionalGeneration(tiny_dam_config(mask_embedding_init="random"))
+    assert float(model.vision.mask_patch_embedding.weight.norm()) > 1.0
+    assert float(DamForConditionalGeneration(tiny_dam_config()).vision.mask_patch_embedding.weight.norm()) == 0.0

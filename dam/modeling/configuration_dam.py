@@ -18,6 +18,7 @@ ProjectorType = Literal["mlp2x_gelu", "mlp_downsample"]
 GateType = Literal["tanh", "scalar"]
 PromptTemplateName = Literal["chat", "vicuna_v1", "plain"]
 VisionMode = Literal["focal", "full_only", "crop_only", "full_and_crop"]
+MaskEmbeddingInit = Literal["zeros", "random"]
 
 
 def _check_choice(name: str, value: str, choices_type: Any) -> None:
@@ -63,6 +64,9 @@ class DamConfig(PretrainedConfig):
         gate_init: initial value of every adapter gate. 0 (the paper) makes a new DAM start
             exactly as its pretrained tower; a model trained from scratch has nothing to
             preserve and learns to use the global context much faster with open gates.
+        mask_embedding_init: "zeros" (the paper: the mask starts invisible, so a new DAM equals
+            its pretrained tower) or "random" (initialised like a patch embedding; for training
+            from scratch, where a zero E_M leaves the model blind to the mask for long).
     """
 
     model_type = "dam"
@@ -84,12 +88,14 @@ class DamConfig(PretrainedConfig):
         default_query: str = "Describe the masked region in detail.",
         vision_mode: VisionMode = "focal",
         gate_init: float = 0.0,
+        mask_embedding_init: MaskEmbeddingInit = "zeros",
         **kwargs: Any,
     ) -> None:
         _check_choice("projector_type", projector_type, ProjectorType)
         _check_choice("gate_type", gate_type, GateType)
         _check_choice("prompt_template", prompt_template, PromptTemplateName)
         _check_choice("vision_mode", vision_mode, VisionMode)
+        _check_choice("mask_embedding_init", mask_embedding_init, MaskEmbeddingInit)
         self.vision_config = _sub_config(vision_config, "siglip_vision_model")
         self.text_config = _sub_config(text_config, "llama")
         if not isinstance(self.vision_config, SiglipVisionConfig):
@@ -114,6 +120,7 @@ class DamConfig(PretrainedConfig):
         self.default_query = default_query
         self.vision_mode = vision_mode
         self.gate_init = gate_init
+        self.mask_embedding_init = mask_embedding_init
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
 

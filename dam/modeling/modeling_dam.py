@@ -51,7 +51,10 @@ class DamPreTrainedModel(PreTrainedModel):
             nn.init.constant_(module.attn_gate, self.config.gate_init)
             nn.init.constant_(module.mlp_gate, self.config.gate_init)
         elif isinstance(module, MaskPatchEmbedding):
-            nn.init.zeros_(module.weight)
+            if self.config.mask_embedding_init == "random":  # LeCun normal, as SigLIP's patch embedding
+                nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
+            else:
+                nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
 

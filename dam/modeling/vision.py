@@ -103,13 +103,16 @@ class LocalizedVisionBackbone(nn.Module):
         self.num_layers_run = config.num_vision_layers_run
         self.mode = config.vision_mode
         self.gate_init = config.gate_init
+        self.mask_embedding_init = config.mask_embedding_init
         self.zero_init_new_modules()
 
     @torch.no_grad()
     def zero_init_new_modules(self) -> None:
-        """E_M to zero and the gates to config.gate_init (0: the identity-at-initialisation state)."""
-        nn.init.zeros_(self.mask_patch_embedding.weight)
-        nn.init.zeros_(self.mask_patch_embedding.bias)
+        """E_M to zero (unless config.mask_embedding_init is "random", which keeps the Conv2d's
+        own initialisation) and the gates to config.gate_init: by default the identity state."""
+        if self.mask_embedding_init == "zeros":
+            nn.init.zeros_(self.mask_patch_embedding.weight)
+            nn.init.zeros_(self.mask_patch_embedding.bias)
         for adapter in self.adapters:
             nn.init.constant_(adapter.attn_gate, self.gate_init)
             nn.init.constant_(adapter.mlp_gate, self.gate_init)
