@@ -26,13 +26,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextIteratorStr
 from dam.errors import DamInputError
 from dam.images import load_image_and_alpha
 from dam.masks import load_mask
-from dam.modeling import DamForConditionalGeneration
+from dam.modeling import DamForConditionalGeneration, convert_nvlabs_checkpoint, is_nvlabs_layout
 from dam.processing import DamProcessor
 from dam.video import prepare_video_inputs
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512
+BUILTIN_MODEL = Path(__file__).resolve().parent / "builtin" / "shapes_tiny"
+"""The built-in model: a tiny DAM trained on ShapesDLC (configs/train/shapes_tiny.yaml), a few MB."""
 
 
 @dataclass
@@ -73,28 +75,42 @@ class DescribeAnything:
         dtype: torch.dtype | str | None = None,
         sam_checkpoint: str | Path | None = None,
         sam_model_type: str = "vit_h",
+        nvlabs_variant: str = "auto",
     ) -> "DescribeAnything":
-        """Load a DAM checkpoint (a folder written by `save_pretrained`, or a hub id).
+        """Load a DAM checkpoint (a folder written by `save_pretrained`, or a hub id); without
+        a path, the built-in ShapesDLC model (it knows only ShapesDLC scenes).
 
         `sam_checkpoint` (a segment-anything .pth) enables `box=` and `points=` prompts.
+        A released NVlabs checkpoint folder (DAM-3B, DAM-3B-Video: llm/, vision_tower/, ...) is
+        converted in memory (`dam convert --from-nvlabs` saves the conversion);
+        `nvlabs_variant` ("auto", "image" or "joint") then picks its default queries.
         """
         dtype = _resolve_dtype(dtype)
         if path is None:
-            raise DamInputError(
-                "DescribeAnything.from_pretrained() needs a model: no built-in model ships with "
-                "this version; pass the path of a DAM checkpoint folder"
-            )
+            if not (BUILTIN_MODEL / "config.json").is_file():
+                raise DamInputError(
+                    "DescribeAnything.from_pretrained() needs a model: the built-in ShapesDLC model is "
+                    f"missing from this install ({BUILTIN_MODEL}); pass the path of a DAM checkpoint folder"
+                )
+            path = BUILTIN_MODEL
         local = Path(str(path))
         looks_local = isinstance(path, Path) or local.is_absolute() or str(path).startswith(".") or local.exists()
         if looks_local and not local.is_dir():
             raise DamInputError(f"model folder {path} does not exist: pass the folder of a DAM checkpoint")
         if looks_local and not (local / "config.json").is_file():
             raise DamInputError(f"{path} is not a DAM checkpoint folder (it has no config.json)")
-        try:
-            model = DamForConditionalGeneration.from_pretrained(path, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except OSError as error:
-            raise DamInputError(f"could not load a DAM checkpoint from {path!r}: {error}") from error
+        if looks_local and is_nvlabs_layout(local):
+            model, tokenizer = convert_nvlabs_checkpoint(local, dtype=dtype, variant=nvlabs_variant)
+            logger.info(
+                "%s is a released NVlabs DAM checkpoint: converted in memory "
+                "(`dam convert --from-nvlabs %s --out DIR` saves the conversion)", path, path,
+            )
+        else:
+            try:
+                model = DamForConditionalGeneration.from_pretrained(path, dtype=dtype)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except OSError as error:
+                raise DamInputError(f"could not load a DAM checkpoint from {path!r}: {error}") from error
         sam = None
         if sam_checkpoint is not None:
             from dam.sam import SamPrompter

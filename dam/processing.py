@@ -3,7 +3,10 @@
 One processor serves inference (`describe`), the training collator and the benchmarks, so
 preprocessing cannot drift between them. Pixels: each of the four focal views is resized to
 the tower's square input (bicubic, antialiased, no aspect preservation), quantised to 8 bits
-as the reference's PIL path does, and scaled to [-1, 1] (mask 0 -> -1, 1 -> +1). Text: the
+as the reference's PIL path does, and scaled to [-1, 1] (mask 0 -> -1, 1 -> +1). With
+`config.resize_backend == "pil"` the resize is PIL's own bicubic on the 8-bit image, which is
+what the released checkpoints' SigLIP image processor does, bit for bit (torch's float
+bicubic differs by up to tens of levels on noisy upsampled images). Text: the
 prompt is tokenised in chunks around each `<image>` (special tokens only on the first chunk,
 as the released checkpoints were), with `num_image_tokens` placeholder ids per slot.
 """
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from dam.errors import DamInputError
@@ -41,6 +45,18 @@ def _resize_views(views: torch.Tensor, size: int) -> torch.Tensor:
     return resized[0].clamp_(0, 255).round_().div_(127.5).sub_(1.0)
 
 
+def _resize_views_pil(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """(h, w, C) or (h, w) uint8 -> (C, size, size) in [-1, 1], resized by PIL's bicubic filter.
+
+    As the SigLIP image processor: PIL resize (BICUBIC, no aspect preservation) of the 8-bit
+    image, then (x / 255 - 0.5) / 0.5, which equals x / 127.5 - 1 in float32 for every level.
+    """
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize((size, size), Image.BICUBIC))
+    tensor = torch.from_numpy(resized.copy()).float()
+    tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)  # (C, S, S)
+    return tensor.div_(127.5).sub_(1.0)
+
+
 class DamProcessor:
     """Builds model inputs from (image, mask) regions and queries for one DAM configuration."""
 
@@ -53,6 +69,8 @@ class DamProcessor:
         self.alpha = config.focal_alpha
         self.min_size = config.focal_min_size
         self.default_query = config.default_query
+        self.default_video_query = getattr(config, "default_video_query", None)
+        self.resize_backend = getattr(config, "resize_backend", "torch")
         if tokenizer.pad_token_id is None:
             raise DamInputError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its EOS token)")
         self._prompt_ids: dict[tuple[str | None, int], list[int]] = {}
@@ -68,6 +86,8 @@ class DamProcessor:
 
         The full image of regions that share one image array is resized once.
         """
+        if self.resize_backend == "pil":
+            return self._pixel_values_pil(prompts)
         size = self.image_size
         out = torch.empty((len(prompts), 8, size, size), dtype=torch.float32)
         full_rgb_cache: dict[int, torch.Tensor] = {}
@@ -83,7 +103,33 @@ class DamProcessor:
             out[row, 4:8] = _resize_views(torch.cat([crop, crop_mask]), size)
         return out
 
+    def _pixel_values_pil(self, prompts: Sequence[FocalPrompt]) -> torch.Tensor:
+        """`pixel_values` with each view resized by PIL, as the released checkpoints' processor."""
+        size = self.image_size
+        out = torch.empty((len(prompts), 8, size, size), dtype=torch.float32)
+        full_rgb_cache: dict[int, torch.Tensor] = {}
+        for row, prompt in enumerate(prompts):
+            key = id(prompt.image)
+            if key not in full_rgb_cache:
+                full_rgb_cache[key] = _resize_views_pil(prompt.image, size)
+            out[row, 0:3] = full_rgb_cache[key]
+            out[row, 3:4] = _resize_views_pil(prompt.mask.astype(np.uint8) * 255, size)
+            out[row, 4:7] = _resize_views_pil(prompt.crop, size)
+            out[row, 7:8] = _resize_views_pil(prompt.crop_mask.astype(np.uint8) * 255, size)
+        return out
+
     # ---- text ---------------------------------------------------------------------------
+
+    def _default_query(self, num_frames: int) -> str:
+        """The configured query for `num_frames` frames (the video one for several frames)."""
+        query = self.default_video_query
+        if num_frames == 1 or not query:
+            return self.default_query
+        slots = query.count(IMAGE_PLACEHOLDER)
+        run = IMAGE_PLACEHOLDER * slots
+        if 0 < slots != num_frames and run in query:  # one run of slots: resize it to the frame count
+            query = query.replace(run, IMAGE_PLACEHOLDER * num_frames)
+        return query
 
     def _tokenize_chunks(self, text: str, add_special_tokens: bool) -> list[int]:
         ids: list[int] = []
@@ -96,7 +142,7 @@ class DamProcessor:
 
     def encode(self, query: str | None = None, num_frames: int = 1, answer: str | None = None) -> EncodedText:
         """Token ids of the prompt for `num_frames` frames; with `answer`, also training labels."""
-        user_turn = with_image_slots(query or self.default_query, num_frames)
+        user_turn = with_image_slots(query or self._default_query(num_frames), num_frames)
         rendered = render_conversation(self.template, self.tokenizer, user_turn, answer)
         input_ids = self._tokenize_chunks(rendered.prompt, rendered.bos_on_first_chunk)
         if rendered.answer is None:

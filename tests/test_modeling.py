@@ -220,3 +220,16 @@ def test_mask_embedding_init_random_makes_the_mask_visible_from_the_start():
     model = DamForConditionalGeneration(tiny_dam_config(mask_embedding_init="random"))
     assert float(model.vision.mask_patch_embedding.weight.norm()) > 1.0
     assert float(DamForConditionalGeneration(tiny_dam_config()).vision.mask_patch_embedding.weight.norm()) == 0.0
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_downsample_merges_blocks_in_the_configured_order(column_major):
+    grid = 3  # padded to 4x4: blocks (0,0), (0,1), (1,0), (1,1)
+    tokens = torch.tensor([[[float(r), float(c)] for r in range(grid) for c in range(grid)]])  # (1, 9, 2): (row, col)
+    merged = TokenDownsample2x2(column_major=column_major)(tokens)  # (1, 4, 8)
+    top_left_of_each_block = merged[0, :, :2].tolist()
+    expected = [[0, 0], [2, 0], [0, 2], [2, 2]] if column_major else [[0, 0], [0, 2], [2, 0], [2, 2]]
+    assert top_left_of_each_block == expected
+    # within a block: (r0,c0), (r0,c1), (r1,c0), (r1,c1); the padded row/column is zero
+    assert merged[0, 0].tolist() == [0, 0, 0, 1, 1, 0, 1, 1]
+    assert merged[0, 3].tolist() == [2, 2, 0, 0, 0, 0, 0, 0]

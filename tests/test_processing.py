@@ -90,3 +90,41 @@ def test_call_builds_a_consistent_batch(processor):
     assert batch["crop_is_full_image"].tolist() == [False, False, False]
     with pytest.raises(DamInputError, match="queries"):
         processor([frames], ["a", "b"])
+
+
+def test_pil_backend_equals_the_siglip_processors_pil_resize():
+    processor = DamProcessor(tiny_tokenizer(), tiny_dam_config(prompt_template="vicuna_v1", resize_backend="pil"))
+    size = processor.image_size
+    image = random_image(37, 53, seed=6)  # odd sizes, upsampled: where torch's float bicubic differs most
+    ys, xs = np.mgrid[:37, :53]
+    mask = ((xs - 30) / 9.0) ** 2 + ((ys - 15) / 6.0) ** 2 <= 1
+    prompt = processor.focal_prompts([(image, mask)])[0]
+    pixels = processor.pixel_values([prompt])
+
+    def siglip(array):  # PIL bicubic of the 8-bit RGB image, then (x / 255 - 0.5) / 0.5
+        resized = np.asarray(Image.fromarray(array).convert("RGB").resize((size, size), Image.BICUBIC))
+        scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+        return torch.from_numpy((scaled - np.float32(0.5)) / np.float32(0.5)).permute(2, 0, 1)
+
+    x0, y0, x1, y1 = prompt.box
+    assert torch.equal(pixels[0, 0:3], siglip(image))
+    assert torch.equal(pixels[0, 3:4], siglip(mask.astype(np.uint8) * 255)[:1])  # the mask as RGB, first channel
+    assert torch.equal(pixels[0, 4:7], siglip(np.ascontiguousarray(image[y0:y1, x0:x1])))
+    assert torch.equal(pixels[0, 7:8], siglip(np.ascontiguousarray(mask[y0:y1, x0:x1]).astype(np.uint8) * 255)[:1])
+    levels = torch.arange(256, dtype=torch.float32)
+    reference = ((levels.double() * (1 / 255)).float() - 0.5) / 0.5
+    assert torch.equal(levels / 127.5 - 1.0, reference)  # both scalings agree on every 8-bit level
+
+
+def test_default_video_query_is_used_for_several_frames():
+    config = tiny_dam_config(
+        prompt_template="vicuna_v1", default_query=QUERY_PRESETS["image_joint"], default_video_query=QUERY_PRESETS["video_joint"]
+    )
+    processor = DamProcessor(tiny_tokenizer(), config)
+    slots = processor.num_image_tokens
+    one, eight, three = (processor.encode(None, frames).input_ids for frames in (1, 8, 3))
+    assert one.count(processor.image_token_id) == slots and eight.count(processor.image_token_id) == 8 * slots
+    assert three.count(processor.image_token_id) == 3 * slots  # the run of slots follows the frame count
+    assert processor.tokenizer.decode([t for t in eight if t != processor.image_token_id]).endswith(
+        "in the masked region in the video in detail . assistant :"
+    )

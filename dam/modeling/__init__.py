@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel
 
 from dam.modeling.configuration_dam import DamConfig
 from dam.modeling.modeling_dam import DamForConditionalGeneration, DamPreTrainedModel
+from dam.modeling.nvlabs import convert_nvlabs_checkpoint, is_nvlabs_layout
 from dam.modeling.projector import TokenDownsample2x2, build_projector
 from dam.modeling.vision import GatedCrossAttentionAdapter, LocalizedVisionBackbone
 
@@ -19,4 +20,6 @@ __all__ = [
     "LocalizedVisionBackbone",
     "TokenDownsample2x2",
     "build_projector",
+    "convert_nvlabs_checkpoint",
+    "is_nvlabs_layout",
 ]

@@ -18,6 +18,8 @@ ProjectorType = Literal["mlp2x_gelu", "mlp_downsample"]
 GateType = Literal["tanh", "scalar"]
 PromptTemplateName = Literal["chat", "vicuna_v1", "plain"]
 VisionMode = Literal["focal", "full_only", "crop_only", "full_and_crop"]
+ResizeBackend = Literal["torch", "pil"]
+DownsampleOrder = Literal["row_major", "column_major"]
 MaskEmbeddingInit = Literal["zeros", "random"]
 
 
@@ -67,6 +69,16 @@ class DamConfig(PretrainedConfig):
         mask_embedding_init: "zeros" (the paper: the mask starts invisible, so a new DAM equals
             its pretrained tower) or "random" (initialised like a patch embedding; for training
             from scratch, where a zero E_M leaves the model blind to the mask for long).
+        default_video_query: the query for multi-frame (video) inputs when the caller gives
+            none; None uses `default_query` with one image slot per frame. Joint image+video
+            checkpoints were prompted differently for images and videos.
+        resize_backend: how the processor resizes the four focal views: "torch" (antialiased
+            bicubic in float, then 8-bit quantised) or "pil" (PIL's bicubic on 8-bit images,
+            bit-exactly the SigLIP image processor the released checkpoints were run with;
+            set by the NVlabs importer).
+        downsample_order: token order of the `mlp_downsample` 2x2 merge: "row_major" blocks, or
+            "column_major" as the released checkpoints' projector emits them (the channel order
+            within a block is (r0,c0), (r0,c1), (r1,c0), (r1,c1) either way).
     """
 
     model_type = "dam"
@@ -89,12 +101,17 @@ class DamConfig(PretrainedConfig):
         vision_mode: VisionMode = "focal",
         gate_init: float = 0.0,
         mask_embedding_init: MaskEmbeddingInit = "zeros",
+        default_video_query: str | None = None,
+        resize_backend: ResizeBackend = "torch",
+        downsample_order: DownsampleOrder = "row_major",
         **kwargs: Any,
     ) -> None:
         _check_choice("projector_type", projector_type, ProjectorType)
         _check_choice("gate_type", gate_type, GateType)
         _check_choice("prompt_template", prompt_template, PromptTemplateName)
         _check_choice("vision_mode", vision_mode, VisionMode)
+        _check_choice("resize_backend", resize_backend, ResizeBackend)
+        _check_choice("downsample_order", downsample_order, DownsampleOrder)
         _check_choice("mask_embedding_init", mask_embedding_init, MaskEmbeddingInit)
         self.vision_config = _sub_config(vision_config, "siglip_vision_model")
         self.text_config = _sub_config(text_config, "llama")
@@ -120,6 +137,9 @@ class DamConfig(PretrainedConfig):
         self.default_query = default_query
         self.vision_mode = vision_mode
         self.gate_init = gate_init
+        self.default_video_query = default_video_query
+        self.resize_backend = resize_backend
+        self.downsample_order = downsample_order
         self.mask_embedding_init = mask_embedding_init
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)

@@ -18,7 +18,16 @@ from dam.modeling.configuration_dam import DamConfig
 
 
 class TokenDownsample2x2(nn.Module):
-    """(N, G*G, C) row-major patch tokens -> (N, ceil(G/2)^2, 4C), 2x2 blocks merged."""
+    """(N, G*G, C) row-major patch tokens -> (N, ceil(G/2)^2, 4C), 2x2 blocks merged.
+
+    The merged tokens follow the blocks row by row, or column by column with `column_major`
+    (the released DAM/VILA projector's order); within a block the channels are always
+    (r0,c0), (r0,c1), (r1,c0), (r1,c1).
+    """
+
+    def __init__(self, column_major: bool = False) -> None:
+        super().__init__()
+        self.column_major = column_major
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, length, channels = tokens.shape
@@ -30,8 +39,9 @@ class TokenDownsample2x2(nn.Module):
             grid_tokens = F.pad(grid_tokens, (0, 0, 0, 1, 0, 1))
             grid += 1
         half = grid // 2
-        # (N, R, C, D) -> (N, R/2, 2, C/2, 2, D) -> (N, R/2, C/2, 2r, 2c, D)
-        blocks = grid_tokens.view(batch, half, 2, half, 2, channels).permute(0, 1, 3, 2, 4, 5)
+        # (N, R, C, D) -> (N, R/2, 2, C/2, 2, D) -> (N, R/2, C/2, 2r, 2c, D), or (N, C/2, R/2, ...)
+        block_axes = (3, 1) if self.column_major else (1, 3)
+        blocks = grid_tokens.view(batch, half, 2, half, 2, channels).permute(0, *block_axes, 2, 4, 5)
         return blocks.reshape(batch, half * half, 4 * channels)
 
 
@@ -41,7 +51,7 @@ def build_projector(config: DamConfig) -> nn.Sequential:
     text_width = config.text_config.hidden_size
     if config.projector_type == "mlp_downsample":
         return nn.Sequential(
-            TokenDownsample2x2(),
+            TokenDownsample2x2(column_major=config.downsample_order == "column_major"),
             nn.LayerNorm(4 * vision_width),
             nn.Linear(4 * vision_width, text_width),
             nn.GELU(),
