@@ -49,6 +49,8 @@ from typing import Any, Iterator, Mapping, Sequence
 from dam.errors import DamInputError
 from dam.jsonio import read_json, write_json_atomic
 
+from bench.harness import check_predictions, run_benchmark
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -236,12 +238,10 @@ def check_inputs(preds: Mapping[str, Any], refs: Mapping[str, Sequence[str]]) ->
     """{id: prediction} for every reference id; a clear error for missing ones."""
     if not refs:
         raise DamInputError("the references hold no items; expected {id: [reference captions]}")
-    missing = [k for k in refs if not isinstance(preds.get(k), str)]
-    if missing:
-        raise DamInputError(
-            f"{len(missing)} of {len(refs)} reference ids have no predicted caption (e.g. id {missing[0]!r}); "
-            "the predictions file must map every reference id to a caption"
-        )
+    check_predictions(
+        preds, refs, items="reference ids", prediction="predicted caption",
+        hint="the predictions file must map every reference id to a caption",
+    )
     extra = [k for k in preds if k not in refs]
     if extra:
         logger.warning("ignoring %d predictions whose ids have no references (e.g. %r)", len(extra), extra[0])
@@ -371,14 +371,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`dam-bench caption-metrics` entry point."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_from_args(args)
-    except DamInputError as exc:
-        parser.exit(2, f"dam-bench caption-metrics: error: {exc}\n")
-    return 2
+    return run_benchmark("dam-bench caption-metrics", build_parser(), run_from_args, argv)
 
 
 if __name__ == "__main__":

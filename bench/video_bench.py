@@ -36,10 +36,8 @@ Both run as `python -m bench.video_bench {hcstvg,videorefer-d} ...` too.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,7 +46,8 @@ from dam.errors import DamInputError
 from dam.jsonio import read_json, write_json_atomic
 
 from bench.caption_metrics import CaptionMetricsResult, score_captions
-from bench.dlc.judge import Judge, OpenAIJudge, read_api_key
+from bench.dlc.judge import Judge, OpenAIJudge, add_client_options
+from bench.harness import ResumableResults, check_predictions, gather_with_flush, run_benchmark, run_closing
 
 logger = logging.getLogger(__name__)
 
@@ -239,44 +238,17 @@ async def ascore_videorefer_d(
     progress: bool = True,
 ) -> VideoReferResult:
     """Judge every {id: prediction} against refs; see `score_videorefer_d`."""
-    from tqdm.auto import tqdm
-
-    missing = [k for k in refs if not isinstance(preds.get(k), str)]
-    if missing:
-        raise DamInputError(
-            f"{len(missing)} of {len(refs)} VideoRefer-Bench-D items have no prediction (e.g. id {missing[0]!r}); "
-            "the predictions file must map every annotation id to a description"
-        )
-    previous: dict[str, Any] = {}
-    if out is not None and Path(out).exists():
-        loaded = read_json(out, "existing VideoRefer-Bench-D eval")
-        if isinstance(loaded, dict):
-            previous = loaded
-            logger.info("resuming: reusing judge responses stored in %s", out)
-
-    items: dict[str, dict[str, Any]] = {}
+    check_predictions(
+        preds, refs, items="VideoRefer-Bench-D items",
+        hint="the predictions file must map every annotation id to a description",
+    )
+    results = ResumableResults(out, refs, "existing VideoRefer-Bench-D eval")
     requests = 0
-    last_flush = time.monotonic()
-
-    def flush(final: bool) -> None:
-        if out is None:
-            return
-        ordered: dict[str, Any] = {}
-        for k in refs:  # finished now, else kept from an earlier run, so nothing done is lost
-            if k in items:
-                ordered[k] = items[k]
-            elif isinstance(previous.get(k), dict):
-                ordered[k] = previous[k]
-        if final:
-            result = VideoReferResult(dimension_averages(items), items)
-            ordered["averages"] = result.averages
-            ordered["avg"] = result.avg
-        write_json_atomic(out, ordered)
 
     async def run_item(key: str) -> None:
         nonlocal requests
         prompt = build_judge_prompt(preds[key], refs[key])
-        old = previous.get(key)
+        old = results.previous.get(key)
         if isinstance(old, dict) and old.get("prompt") == prompt and isinstance(old.get("response"), str):
             response = old["response"]
         else:
@@ -285,29 +257,16 @@ async def ascore_videorefer_d(
         scores = parse_dimension_scores(response)
         if any(v is None for v in scores.values()):
             logger.warning("item %s: judge answer gave no valid score for %s", key, [d for d, v in scores.items() if v is None])
-        items[key] = {"pred": preds[key], "reference": refs[key], "prompt": prompt, "response": response, "scores": scores}
+        results.done[key] = {"pred": preds[key], "reference": refs[key], "prompt": prompt, "response": response, "scores": scores}
 
-    tasks = [asyncio.ensure_future(run_item(k)) for k in refs]
-    try:
-        with tqdm(total=len(tasks), desc="VideoRefer-Bench-D", unit="item", disable=not progress) as bar:
-            for fut in asyncio.as_completed(tasks):
-                await fut
-                bar.update(1)
-                if time.monotonic() - last_flush > flush_interval_s:
-                    flush(final=False)
-                    last_flush = time.monotonic()
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        flush(final=False)
-        raise
-    ordered = {k: items[k] for k in refs}
-    items.clear()
-    items.update(ordered)  # annotation order, so totals do not depend on completion order
-    flush(final=True)
+    await gather_with_flush(
+        results, run_item, desc="VideoRefer-Bench-D", unit="item", flush_interval_s=flush_interval_s, progress=progress
+    )
+    items = results.ordered()  # annotation order, so totals do not depend on completion order
+    result = VideoReferResult(dimension_averages(items), items, requests)
+    results.write({"averages": result.averages, "avg": result.avg})
     logger.info("VideoRefer-Bench-D: %d items judged, %d judge requests", len(items), requests)
-    return VideoReferResult(dimension_averages(items), dict(items), requests)
+    return result
 
 
 def score_videorefer_d(
@@ -316,15 +275,7 @@ def score_videorefer_d(
     """Score descriptions {id: text} against references {id: text} on SC/AD/TD/HD with `judge`
     (anything with `async answer(prompt) -> str`); `out` (eval.json) is reused when it exists."""
 
-    async def run() -> VideoReferResult:
-        try:
-            return await ascore_videorefer_d(preds, refs, judge, out, **kwargs)
-        finally:
-            close = getattr(judge, "aclose", None)
-            if close is not None:
-                await close()
-
-    return asyncio.run(run())
+    return run_closing(judge, lambda: ascore_videorefer_d(preds, refs, judge, out, **kwargs))
 
 
 # --------------------------------------------------------------------------- command line
@@ -345,11 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     v.add_argument("--judge-model", required=True, help="model name served by the judge endpoint")
     v.add_argument("--out", required=True, help="eval.json to write (reused on rerun)")
-    v.add_argument("--concurrency", type=int, default=32, help="judge requests in flight (default 32)")
-    v.add_argument("--api-key-file", help="file whose first line is the judge API key (else $OPENAI_API_KEY)")
-    v.add_argument("--max-attempts", type=int, default=6, help="tries per request on 429/5xx/timeouts")
-    v.add_argument("--retry-backoff", type=float, default=1.0, help="first retry delay in seconds (doubles)")
-    v.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    add_client_options(v, "judge requests in flight (default 32)")
     v.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -372,15 +319,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 0
     preds = _read_dict(args.pred, "predictions")
     refs = videorefer_references(read_json(args.anno, "VideoRefer-Bench-D annotation"), args.anno)
-    judge = OpenAIJudge(
-        args.base_url,
-        args.judge_model,
-        concurrency=args.concurrency,
-        api_key=read_api_key(args.api_key_file),
-        max_attempts=args.max_attempts,
-        backoff_s=args.retry_backoff,
-        timeout_s=args.timeout,
-    )
+    judge = OpenAIJudge.from_args(args)
     result = score_videorefer_d(preds, refs, judge, args.out, progress=not args.no_progress)
     print(result.summary())
     return 0
@@ -388,14 +327,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`dam-bench video` entry point."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_from_args(args)
-    except DamInputError as exc:
-        parser.exit(2, f"dam-bench video {args.benchmark}: error: {exc}\n")
-    return 2
+    return run_benchmark(lambda args: f"dam-bench video {args.benchmark}", build_parser(), run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ used.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -61,6 +62,15 @@ def read_api_key(path: str | Path | None) -> str:
 
 
 @lru_cache(maxsize=1)
+def add_client_options(parser: argparse.ArgumentParser, concurrency_help: str) -> None:
+    """The `OpenAIJudge` client options of a benchmark's command line (read by `OpenAIJudge.from_args`)."""
+    parser.add_argument("--concurrency", type=int, default=32, help=concurrency_help)
+    parser.add_argument("--api-key-file", help="file whose first line is the judge API key (else $OPENAI_API_KEY)")
+    parser.add_argument("--max-attempts", type=int, default=6, help="tries per request on 429/5xx/timeouts")
+    parser.add_argument("--retry-backoff", type=float, default=1.0, help="first retry delay in seconds (doubles)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+
+
 def _ssl_context() -> ssl.SSLContext:
     """The default TLS context (system CA bundle), built once per process: loading the CA
     certificates costs tens of milliseconds, paid by every new client otherwise."""
@@ -290,6 +300,19 @@ class OpenAIJudge:
         self._pool: _ConnectionPool | None = None  # created inside the running event loop
         self._semaphore: asyncio.Semaphore | None = None
         self.requests_sent = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "OpenAIJudge":
+        """The judge named by `--base-url`, `--judge-model` and the options of `add_client_options`."""
+        return cls(
+            args.base_url,
+            args.judge_model,
+            concurrency=args.concurrency,
+            api_key=read_api_key(args.api_key_file),
+            max_attempts=args.max_attempts,
+            backoff_s=args.retry_backoff,
+            timeout_s=args.timeout,
+        )
 
     def _ensure_pool(self) -> _ConnectionPool:
         if self._pool is None:

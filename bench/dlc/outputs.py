@@ -25,6 +25,8 @@ import numpy as np
 from dam.errors import DamInputError
 from dam.jsonio import read_json, write_json_atomic
 
+from bench.harness import run_benchmark
+
 logger = logging.getLogger(__name__)
 
 QUERY_KEY = "query"
@@ -205,14 +207,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`dam-bench dlc-outputs` entry point."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_from_args(args)
-    except DamInputError as exc:
-        parser.exit(2, f"dam-bench dlc-outputs: error: {exc}\n")
-    return 2
+    return run_benchmark("dam-bench dlc-outputs", build_parser(), run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dam.errors import DamInputError
-from dam.jsonio import read_json, write_json_atomic
+from dam.jsonio import read_json
 
-from bench.dlc.judge import Judge, OpenAIJudge, read_api_key
+from bench.dlc.judge import Judge, OpenAIJudge, add_client_options
 from bench.dlc.parsing import parse_answer
 from bench.dlc.protocol import RECOGNITION_INCORRECT, build_prompt, recognition_question
+from bench.harness import ResumableResults, check_predictions, gather_with_flush, run_benchmark, run_closing
 
 logger = logging.getLogger(__name__)
 
@@ -145,13 +145,10 @@ async def ascore_dlc(
     progress: bool = True,
 ) -> DlcResult:
     """Score `preds` ({ann_id: caption}) on DLC-Bench with `judge`; see `score_dlc`."""
-    from tqdm.auto import tqdm
-
-    missing = [ann_id for ann_id in qa if not isinstance(preds.get(ann_id), str)]
-    if missing and default_prediction is None:
-        raise DamInputError(
-            f"{len(missing)} of {len(qa)} regions have no prediction (e.g. ann_id {missing[0]!r}); "
-            "finish `dam-bench dlc-outputs` or pass --default-prediction TEXT to score them with it."
+    if default_prediction is None:
+        check_predictions(
+            preds, qa, items="regions", id_name="ann_id",
+            hint="finish `dam-bench dlc-outputs` or pass --default-prediction TEXT to score them with it.",
         )
     no_class = [ann_id for ann_id in qa if ann_id not in class_names]
     if no_class:
@@ -160,38 +157,17 @@ async def ascore_dlc(
             "pass the class_names.json that comes with this qa.json."
         )
 
-    previous: dict[str, Any] = {}
-    if out is not None and Path(out).exists():
-        loaded = read_json(out, "existing eval")
-        if isinstance(loaded, dict):
-            previous = loaded
-            logger.info("resuming: reusing judge responses stored in %s", out)
-
-    regions: dict[str, dict[str, Any]] = {}
+    results = ResumableResults(out, qa, "existing eval")
     requests = 0
-    last_flush = time.monotonic()
 
-    def flush(final: bool) -> None:
-        if out is None:
-            return
-        ordered: dict[str, Any] = {a: regions[a] for a in qa if a in regions}
-        # Regions done in an earlier run but not rescored yet are kept, so an interrupted
-        # rerun never loses output.
-        for a in qa:
-            if a not in ordered and isinstance(previous.get(a), dict):
-                ordered[a] = previous[a]
-        if final:
-            ordered["avg_pos"], ordered["avg_neg"] = totals({a: regions[a] for a in qa})
-        write_json_atomic(out, ordered)
-
-    async def run_region(ann_id: str) -> str:
+    async def run_region(ann_id: str) -> None:
         nonlocal requests
         pred = preds.get(ann_id)
         if not isinstance(pred, str):
             pred = default_prediction
         assert pred is not None
         questions = region_questions(qa[ann_id], class_names[ann_id])
-        cache = _cached_responses(previous.get(ann_id))
+        cache = _cached_responses(results.previous.get(ann_id))
         prompts = [build_prompt(pred, q["question"], q["choices"]) for q in questions]
 
         async def ask(prompt: str) -> str:
@@ -202,29 +178,15 @@ async def ascore_dlc(
             return await judge.answer(prompt)
 
         responses = await asyncio.gather(*(ask(p) for p in prompts))
-        regions[ann_id] = score_region(pred, questions, responses, prompts)
-        return ann_id
+        results.done[ann_id] = score_region(pred, questions, responses, prompts)
 
-    tasks = [asyncio.ensure_future(run_region(ann_id)) for ann_id in qa]
-    try:
-        with tqdm(total=len(tasks), desc="DLC-Bench", unit="region", disable=not progress) as bar:
-            for fut in asyncio.as_completed(tasks):
-                await fut
-                bar.update(1)
-                if time.monotonic() - last_flush > flush_interval_s:
-                    flush(final=False)
-                    last_flush = time.monotonic()
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        flush(final=False)  # keep every finished region for the rerun
-        raise
-
+    await gather_with_flush(
+        results, run_region, desc="DLC-Bench", unit="region", flush_interval_s=flush_interval_s, progress=progress
+    )
     # Sum in qa.json order, not completion order, so float totals do not depend on concurrency.
-    ordered = {a: regions[a] for a in qa}
+    ordered = results.ordered()
     pos, neg = totals(ordered)
-    flush(final=True)
+    results.write(dict(zip(TOTAL_KEYS, (pos, neg))))
     logger.info("DLC-Bench: %d regions scored, %d judge requests", len(ordered), requests)
     return DlcResult(pos=pos, neg=neg, regions=ordered, requests=requests)
 
@@ -248,15 +210,7 @@ def score_dlc(
         **kwargs: `default_prediction`, `flush_interval_s`, `progress` (see `ascore_dlc`).
     """
 
-    async def run() -> DlcResult:
-        try:
-            return await ascore_dlc(preds, qa, class_names, judge, out, **kwargs)
-        finally:
-            close = getattr(judge, "aclose", None)
-            if close is not None:
-                await close()
-
-    return asyncio.run(run())
+    return run_closing(judge, lambda: ascore_dlc(preds, qa, class_names, judge, out, **kwargs))
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -271,12 +225,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     where.add_argument("--judge-path", help="local transformers chat model folder, run in this process instead")
     p.add_argument("--judge-model", help="model name served by the judge endpoint (with --base-url)")
     p.add_argument("--out", required=True, help="eval.json to write (reused on rerun)")
-    p.add_argument("--concurrency", type=int, default=32, help="judge requests in flight with --base-url (default 32)")
-    p.add_argument("--api-key-file", help="file whose first line is the judge API key (else $OPENAI_API_KEY)")
     p.add_argument("--default-prediction", help="caption to use for regions missing from --pred")
-    p.add_argument("--max-attempts", type=int, default=6, help="tries per request on 429/5xx/timeouts")
-    p.add_argument("--retry-backoff", type=float, default=1.0, help="first retry delay in seconds (doubles)")
-    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    add_client_options(p, "judge requests in flight with --base-url (default 32)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     local = p.add_argument_group("local judge (with --judge-path)")
     local.add_argument("--judge-device", help="torch device (default: cuda when available, else cpu)")
@@ -312,15 +262,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     else:
         if not args.judge_model:
             raise DamInputError("--base-url needs --judge-model NAME (the model name the endpoint serves)")
-        judge = OpenAIJudge(
-            args.base_url,
-            args.judge_model,
-            concurrency=args.concurrency,
-            api_key=read_api_key(args.api_key_file),
-            max_attempts=args.max_attempts,
-            backoff_s=args.retry_backoff,
-            timeout_s=args.timeout,
-        )
+        judge = OpenAIJudge.from_args(args)
     result = score_dlc(
         preds, qa, class_names, judge, args.out,
         default_prediction=args.default_prediction, progress=not args.no_progress,
@@ -331,15 +273,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`dam-bench dlc-score` entry point."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_from_args(args)
-    except DamInputError as exc:
-        # A user-fixable problem: one clear line, no traceback.
-        parser.exit(2, f"dam-bench dlc-score: error: {exc}\n")
-    return 2
+    return run_benchmark("dam-bench dlc-score", build_parser(), run_from_args, argv)
 
 
 if __name__ == "__main__":
