@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         "dlc-outputs": "bench.dlc.outputs",
         "dlc-score": "bench.dlc.scoring",
         "speed-dlc": "bench.speed_dlc",
+        "speed-serve": "bench.speed_serve",
         "shapes": "bench.shapes",
         "speed-train": "bench.speed_train",
         "keywords": "bench.keywords",

@@ -4,6 +4,8 @@
     dam describe --model ./dam-3b --image photo.jpg --box 40 30 200 180 \\
         --sam-checkpoint sam_vit_h_4b8939.pth --out overlay.png --json
     dam describe --model ./dam-3b --video clip.mp4 --mask masklet.json
+    dam serve --model ./dam-3b --port 8000 --max-batch 32 --ui
+    dam convert --from-nvlabs ./DAM-3B --out ./dam-3b
 
 Only the result goes to stdout (the caption, or one JSON object with ``--json``), so the
 command composes with pipes; diagnostics go through ``logging`` to stderr (``-v`` for more).
@@ -139,6 +141,94 @@ def _add_describe(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_run_describe)
 
 
+def _add_convert(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        parents=[common],
+        help="convert a released NVlabs DAM checkpoint (DAM-3B, DAM-3B-Video) into a toolkit checkpoint",
+        description=(
+            "Convert a released NVlabs DAM folder (config.json, llm/, vision_tower/, mm_projector/, "
+            "context_provider/) into a checkpoint of this toolkit (config.json, safetensors, tokenizer) "
+            "that gives the reference's outputs. Prints the output folder."
+        ),
+    )
+    parser.add_argument("--from-nvlabs", required=True, metavar="SRC", help="folder of the released checkpoint")
+    parser.add_argument("--out", required=True, metavar="DST", help="output folder (new or empty, unless --overwrite)")
+    parser.add_argument(
+        "--dtype", choices=["float16", "bfloat16", "float32"], help="weights' dtype (default: as stored, float16)"
+    )
+    parser.add_argument(
+        "--variant", choices=["auto", "image", "joint"], default="auto",
+        help="default queries: image (DAM-3B) or joint image+video (DAM-3B-Video); auto: 'video' in the name",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.set_defaults(handler=_run_convert)
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `dam serve` and `dam demo-ui` (the fields of dam.server.ServerSettings)."""
+    parser.add_argument(
+        "--model", metavar="PATH", help="DAM checkpoint folder (default: the built-in ShapesDLC model)"
+    )
+    parser.add_argument("--served-model-name", metavar="NAME", help="model id in /v1/models (default: the folder name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int_at_least(0), default=8000, help="port (default 8000)")
+    batching = parser.add_argument_group("dynamic batching")
+    batching.add_argument(
+        "--max-batch", type=int_at_least(1), default=32, metavar="N", help="most requests per batched generate (default 32)"
+    )
+    batching.add_argument(
+        "--max-wait-ms", type=_non_negative_float, default=10.0, metavar="MS",
+        help="longest a request waits for others to join its batch once the model is free (default 10)",
+    )
+    batching.add_argument(
+        "--max-queue", type=int_at_least(1), default=256, metavar="N",
+        help="most waiting requests; more get 503 with Retry-After (default 256)",
+    )
+    parser.add_argument(
+        "--max-image-pixels", type=int_at_least(1), default=None, metavar="N",
+        help="largest image (width x height) a request may send (default 50000000)",
+    )
+    sam = parser.add_argument_group("segment-anything (box and point prompts on the demo page)")
+    sam.add_argument("--sam-checkpoint", metavar="PTH", help="SAM checkpoint, e.g. sam_vit_h_4b8939.pth")
+    sam.add_argument("--sam-model-type", default="vit_h", metavar="TYPE", help="vit_h (default), vit_l or vit_b")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    runtime.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32)")
+    runtime.add_argument(
+        "--threads", type=int_at_least(1), metavar="N",
+        help="CPU threads for torch (default: torch's choice); 1 is fastest for small models on a busy CPU",
+    )
+
+
+def _add_serve(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        parents=[common],
+        help="serve the model behind an OpenAI-compatible chat-completions API",
+        description=(
+            "Serve POST /v1/chat/completions (plain and streamed), GET /v1/models and /health with FastAPI "
+            "and uvicorn; concurrent requests share batched generations. A request's user message holds the "
+            "image as a data URL (an RGBA PNG whose alpha is the mask, or the image followed by a mask image), "
+            "or 8 such frames for a video, and a text part with the query."
+        ),
+    )
+    _add_server_options(parser)
+    parser.add_argument("--ui", action="store_true", help="also serve the demo page at /")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _add_demo_ui(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "demo-ui",
+        parents=[common],
+        help="the web demo: upload an image, mark a region, watch the caption stream in",
+        description="`dam serve --ui`: the demo page at http://HOST:PORT/ and the same API beside it.",
+    )
+    _add_server_options(parser)
+    parser.set_defaults(handler=_run_serve, ui=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dam`` argument parser with all its subcommands."""
     parser = argparse.ArgumentParser(
@@ -148,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
     _add_describe(subparsers, common)
+    _add_convert(subparsers, common)
+    _add_serve(subparsers, common)
+    _add_demo_ui(subparsers, common)
     return parser
 
 
@@ -313,6 +406,62 @@ def _run_describe(args: argparse.Namespace) -> int:
         )
     record["model"] = args.model or "built-in"
     print(json.dumps(record) if args.json else caption)
+    return 0
+
+
+# ---- convert ----------------------------------------------------------------------------
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from dam.modeling.nvlabs import convert_nvlabs_checkpoint
+
+    convert_nvlabs_checkpoint(
+        args.from_nvlabs, dst=args.out, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite
+    )
+    print(args.out)
+    return 0
+
+
+# ---- serve ------------------------------------------------------------------------------
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from dam.server import ServerSettings, create_app, run_server
+    except ImportError as error:
+        raise ImportError(
+            f"dam serve needs FastAPI and uvicorn ({error}): pip install 'describe-anything-toolkit[demo]'"
+        ) from error
+    from dam.describe import DescribeAnything
+    from dam.server.app import DEFAULT_MAX_IMAGE_PIXELS
+
+    if args.sam_checkpoint is not None and not Path(args.sam_checkpoint).is_file():
+        raise DamInputError(
+            f"SAM checkpoint {args.sam_checkpoint!r} does not exist; download an official one "
+            f"(sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth) and pass its path"
+        )
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the batching worker and request threads inherit it
+    describer = DescribeAnything.from_pretrained(
+        args.model,
+        device=args.device or _default_device(),
+        dtype=args.dtype,
+        sam_checkpoint=args.sam_checkpoint,
+        sam_model_type=args.sam_model_type,
+    )
+    settings = ServerSettings(
+        model_name=args.served_model_name or (Path(args.model).resolve().name if args.model else "dam-builtin"),
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
+        ui=args.ui,
+    )
+    if args.ui:
+        logger.info("demo page: http://%s:%d/", args.host, args.port)
+    run_server(create_app(describer, settings), args.host, args.port, access_log=args.verbose > 0)
     return 0
 
 
