@@ -39,9 +39,12 @@ class EncodedText:
     labels: list[int] | None = None
 
 
-def _resize_views(views: torch.Tensor, size: int) -> torch.Tensor:
-    """(C, h, w) float 0..255 -> (C, size, size) in [-1, 1], 8-bit quantised like PIL output."""
-    resized = F.interpolate(views[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+def _resize_views_torch(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """(h, w, C) or (h, w) uint8 -> (C, size, size) in [-1, 1]: torch bicubic (antialiased),
+    8-bit quantised like PIL output."""
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).float()
+    tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)  # (C, h, w)
+    resized = F.interpolate(tensor[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return resized[0].clamp_(0, 255).round_().div_(127.5).sub_(1.0)
 
 
@@ -86,36 +89,18 @@ class DamProcessor:
 
         The full image of regions that share one image array is resized once.
         """
-        if self.resize_backend == "pil":
-            return self._pixel_values_pil(prompts)
+        resize = _resize_views_pil if self.resize_backend == "pil" else _resize_views_torch
         size = self.image_size
         out = torch.empty((len(prompts), 8, size, size), dtype=torch.float32)
         full_rgb_cache: dict[int, torch.Tensor] = {}
         for row, prompt in enumerate(prompts):
             key = id(prompt.image)
             if key not in full_rgb_cache:
-                rgb = torch.from_numpy(np.ascontiguousarray(prompt.image)).permute(2, 0, 1).float()
-                full_rgb_cache[key] = _resize_views(rgb, size)
+                full_rgb_cache[key] = resize(prompt.image, size)
             out[row, 0:3] = full_rgb_cache[key]
-            out[row, 3:4] = _resize_views(torch.from_numpy(prompt.mask)[None].float() * 255.0, size)
-            crop = torch.from_numpy(np.ascontiguousarray(prompt.crop)).permute(2, 0, 1).float()
-            crop_mask = torch.from_numpy(np.ascontiguousarray(prompt.crop_mask))[None].float() * 255.0
-            out[row, 4:8] = _resize_views(torch.cat([crop, crop_mask]), size)
-        return out
-
-    def _pixel_values_pil(self, prompts: Sequence[FocalPrompt]) -> torch.Tensor:
-        """`pixel_values` with each view resized by PIL, as the released checkpoints' processor."""
-        size = self.image_size
-        out = torch.empty((len(prompts), 8, size, size), dtype=torch.float32)
-        full_rgb_cache: dict[int, torch.Tensor] = {}
-        for row, prompt in enumerate(prompts):
-            key = id(prompt.image)
-            if key not in full_rgb_cache:
-                full_rgb_cache[key] = _resize_views_pil(prompt.image, size)
-            out[row, 0:3] = full_rgb_cache[key]
-            out[row, 3:4] = _resize_views_pil(prompt.mask.astype(np.uint8) * 255, size)
-            out[row, 4:7] = _resize_views_pil(prompt.crop, size)
-            out[row, 7:8] = _resize_views_pil(prompt.crop_mask.astype(np.uint8) * 255, size)
+            out[row, 3:4] = resize(prompt.mask.astype(np.uint8) * 255, size)
+            out[row, 4:7] = resize(prompt.crop, size)
+            out[row, 7:8] = resize(prompt.crop_mask.astype(np.uint8) * 255, size)
         return out
 
     # ---- text ---------------------------------------------------------------------------
