@@ -1,4 +1,5 @@
-# `make test` builds .venv at the repo root from the pinned lock file, then runs the CPU test suite.
+# `make demo` captions the shipped example with the built-in model; `make test` runs the CPU test suite.
+# Both build .venv at the repo root from the pinned lock file first.
 VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/lock.txt
@@ -13,6 +14,9 @@ $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+demo: venv
+	$(PY) examples/demo.py
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider

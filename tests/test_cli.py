@@ -157,7 +157,6 @@ def test_user_errors_exit_2(files, capsys, tmp_path):
         "10x10": describe_argv(files, "--mask", str(small)),
         "no region": describe_argv(files),
         "--point-labels needs --points": describe_argv(files, "--mask", files["mask"], "--point-labels", "1"),
-        "needs a model": ["describe", "--image", files["image"], "--mask", files["mask"]],
     }
     for expected, argv in cases.items():
         code, out, err = run(capsys, argv)
@@ -320,3 +319,18 @@ def test_draw_overlay_wraps_to_image_width_and_checks_mask_size():
     assert ((short[:40] == RED).all(axis=2) == ~box_mask(40, 30, 2, 2, 28, 38)).all()
     with pytest.raises(ValueError, match="mask"):
         draw_overlay(image, np.ones((10, 10), bool), "x")
+
+
+def test_describe_defaults_to_the_builtin_model(capsys):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    code, out, err = run(capsys, ["describe", "--image", str(examples / "shapes.png"), "--mask", str(examples / "shapes_mask_1.png")])
+    assert code == 0, err
+    from dam.shapes import parse_caption
+
+    said, truth = parse_caption(out), parse_caption((examples / "shapes_mask_1.txt").read_text())
+    assert None not in said.values(), out
+    assert {k: said[k] for k in ("size", "color", "pattern", "shape")} == {
+        k: truth[k] for k in ("size", "color", "pattern", "shape")
+    }

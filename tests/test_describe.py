@@ -131,7 +131,10 @@ def test_save_and_from_pretrained_round_trip(describer, tmp_path):
     assert loaded.describe(image, mask, **GREEDY) == describer.describe(image, mask, **GREEDY)
 
 
-def test_from_pretrained_without_a_model_explains(tmp_path):
+def test_from_pretrained_without_a_model_explains(tmp_path, monkeypatch):
+    import dam.describe
+
+    monkeypatch.setattr(dam.describe, "BUILTIN_MODEL", tmp_path / "not-installed")
     with pytest.raises(DamInputError, match="needs a model"):
         DescribeAnything.from_pretrained()
     with pytest.raises(DamInputError, match="config.json"):
