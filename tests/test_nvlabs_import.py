@@ -4,6 +4,7 @@ released model written here from its description (issue 9), not with the toolkit
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -566,3 +567,24 @@ def test_cli_convert_round_trip(released, converted, tmp_path, capsys):
     assert main(["convert", "--from-nvlabs", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dam: error:") and "is not a folder" in err
+
+
+def test_the_server_answers_with_a_released_checkpoint(released):
+    openai = pytest.importorskip("openai")
+    from dam.server import BackgroundServer, ServerSettings, create_app
+
+    describer = DescribeAnything.from_pretrained(released)  # converted in memory
+    image, mask = regions()[0]
+    expected = describer.describe(image, mask, query=DEFAULT_QUERY, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert expected
+    cut_out = io.BytesIO()
+    Image.fromarray(np.dstack([image, mask.astype(np.uint8) * 255])).save(cut_out, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(cut_out.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": DEFAULT_QUERY}]
+    with BackgroundServer(create_app(describer, ServerSettings(model_name="dam-released"))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(
+            model="dam-released", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0,
+            extra_body={"min_tokens": 6},
+        )
+    assert reply.choices[0].message.content == expected
