@@ -11,7 +11,7 @@ import pytest
 from tests.factories import tiny_dam
 from train.cli import main
 from train.config import DatasetConfig, FreezeConfig, LoraConfig, TrainConfig
-from train.configio import ConfigError, apply_overrides, from_dict, read_yaml
+from dam.configio import ConfigError, apply_overrides, from_dict, read_yaml
 from train.model import apply_freeze_policy
 
 REPO = Path(__file__).resolve().parents[1]

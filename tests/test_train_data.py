@@ -16,7 +16,7 @@ from dam.schema import video_row, write_shard
 from tests.train_fixtures import save_tiny_checkpoint, write_squares_dataset
 from train.augment import PromptAugmentation
 from train.config import DataConfig, DatasetConfig
-from train.configio import ConfigError
+from dam.configio import ConfigError
 from train.data import DamCollator, LengthGroupedSampler, MixedRegionDataset, _mixture
 from train.smoke import colored_square
 

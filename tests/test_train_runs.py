@@ -161,7 +161,7 @@ def test_corrupt_rows_are_skipped_and_counted(assets, tmp_path: Path) -> None:
 
 def test_restarting_over_existing_checkpoints_needs_resume(assets, baseline: Path) -> None:
     checkpoint, data, _ = assets
-    from train.configio import ConfigError
+    from dam.configio import ConfigError
 
     with pytest.raises(ConfigError, match="--resume"):
         run_training(load_config(CONFIG, tiny_train_overrides(checkpoint, data, baseline)))

@@ -18,7 +18,7 @@ import os
 import sys
 
 from dam.errors import DamInputError
-from train.configio import to_dict
+from dam.configio import to_dict
 
 _EXIT_USER_ERROR = 2
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from train.augment import PromptAugmentation
-from train.configio import ConfigError, apply_overrides, from_dict, read_yaml
+from dam.configio import ConfigError, apply_overrides, from_dict, read_yaml
 
 Trainable = Literal["full", "frozen"]
 

@@ -32,7 +32,7 @@ from dam.schema import CorruptRowError, DecodedRow, decode_row, load_dataset_dir
 from dam.video import sample_masklet_frames
 from train.augment import PromptAugmentation
 from train.config import DataConfig, DatasetConfig
-from train.configio import ConfigError
+from dam.configio import ConfigError
 
 logger = logging.getLogger(__name__)
 

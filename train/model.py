@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dam.modeling import DamForConditionalGeneration
 from train.config import FreezeConfig, LoraConfig, ModelConfig
-from train.configio import ConfigError
+from dam.configio import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from dam.jsonio import write_json_atomic
 from dam.modeling import DamForConditionalGeneration
 from dam.processing import DamProcessor
 from train.config import TrainConfig
-from train.configio import ConfigError, to_dict
+from dam.configio import ConfigError, to_dict
 from train.data import DamCollator, LengthGroupedSampler, MixedRegionDataset
 from train.model import apply_freeze_policy, build_model, merged_for_saving
 

@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 
 class ConfigError(DamInputError):
-    """A training config is unusable; the message names the key and the fix."""
+    """A config (training, data pipeline) is unusable; the message names the key and the fix."""
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
