@@ -137,7 +137,9 @@ def meteor_session() -> Iterator[Any]:
             proc.wait()
 
 
-def _meteor_scores(meteor: Any, gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float, list[float]]:
+def meteor_scores(meteor: Any, gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float, list[float]]:
+    """(corpus METEOR, [METEOR of each id in `gts` order]) of `res` {id: [caption]} against `gts`
+    {id: [references]}, in one EVAL exchange with the JVM of `meteor_session`."""
     try:
         return meteor.compute_score(gts, res)
     except ValueError as exc:  # the JVM died and answered nothing parseable
@@ -276,7 +278,7 @@ def score_captions(
         for i, s in zip(ids, bleu_items[n]):
             per_item[i][f"BLEU-{n + 1}"] = float(s)
     with meteor_session() as meteor:
-        score, scores = _meteor_scores(meteor, gts, res)
+        score, scores = meteor_scores(meteor, gts, res)
     metrics["METEOR"] = float(score)
     for i, s in zip(ids, scores):
         per_item[i]["METEOR"] = float(s)

@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed-train": "bench.speed_train",
         "keywords": "bench.keywords",
         "caption-metrics": "bench.caption_metrics",
+        "densecap": "bench.densecap",
         "video": "bench.video_bench",
     }
     parser = argparse.ArgumentParser(prog="dam-bench", description="Benchmarks of the DAM toolkit.")
