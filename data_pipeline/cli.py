@@ -1,13 +1,16 @@
 """`dam-data`: build captioned-region training data in the ``dam.schema`` shard layout.
 
     dam-data synthetic --num-images 10000 --out data/shapes [--seed 0] [--shard-size 1000]
+    dam-data stage1 --config configs/data/stage1_coco.yaml [key.sub=value ...] [--shard I --num-shards N]
+    dam-data merge --inputs DIR [DIR ...] --out DIR [--allow-partial]
+    dam-data stats DIR [--json]
 
 Every subcommand is resumable: rerunning the same command skips the shards already written.
 Progress and logs go to stderr; stdout gets one summary line. Errors the user can fix print one
 line ``dam-data: error: ...`` and exit with status 2, as argparse does for bad options.
 
 Subcommands register themselves in :func:`build_parser` with ``set_defaults(handler=...)``
-(the SDP stages ``stage1``, ``stage2`` and ``sav`` will join ``synthetic`` there).
+(the SDP stages ``stage2`` and ``sav`` will join ``synthetic`` and ``stage1`` there).
 """
 
 from __future__ import annotations
@@ -44,16 +47,112 @@ def _add_synthetic(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard-size", type=int_at_least(1), default=1000, metavar="K", help="images per parquet shard (default 1000)"
     )
+    parser.add_argument(
+        "--format",
+        choices=("dam", "visual-genome"),
+        default="dam",
+        help="dam: training rows (default); visual-genome: images/ + region_descriptions.json for dense "
+        "captioning (FCLN, dam-bench densecap)",
+    )
     parser.set_defaults(handler=_run_synthetic)
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
+    if args.format == "visual-genome":
+        from data_pipeline.shapes_visual_genome import write_shapes_visual_genome
+
+        regions = write_shapes_visual_genome(args.out, args.num_images, seed=args.seed, progress=not args.no_progress)
+        print(f"{regions} regions from {args.num_images} images in {args.out} (Visual Genome layout)")
+        return 0
     from data_pipeline.synthetic import write_synthetic_dataset
 
     rows = write_synthetic_dataset(
         args.out, args.num_images, seed=args.seed, shard_size=args.shard_size, progress=not args.no_progress
     )
     print(f"{rows} rows from {args.num_images} images in {args.out}")
+    return 0
+
+
+def _add_stage1(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "stage1",
+        parents=[common],
+        help="caption the regions of a segmentation dataset with a labeler (DLC-SDP stage 1)",
+        description=(
+            "Caption every region of a COCO-format, semantic-segmentation or SA-1B source with the configured "
+            "labeler; write dam.schema shards + per-shard reports to output.dir. Rerunning the same command resumes: "
+            "complete shards are skipped. Shards are split over workers by --shard/--num-shards, else by "
+            "RANK/WORLD_SIZE or the SLURM array / task variables."
+        ),
+    )
+    parser.add_argument("--config", required=True, metavar="YAML", help="stage-1 config (see configs/data/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. output.dir=data/s1")
+    parser.add_argument("--shard", type=int_at_least(0), metavar="I", help="this process is worker I (of --num-shards)")
+    parser.add_argument("--num-shards", type=int_at_least(1), metavar="N", help="number of workers sharing the run")
+    parser.set_defaults(handler=_run_stage1)
+
+
+def _run_stage1(args: argparse.Namespace) -> int:
+    from data_pipeline.config import load_stage1_config
+    from data_pipeline.sharding import resolve_worker
+    from data_pipeline.stage1 import run_stage1
+
+    config = load_stage1_config(args.config, args.overrides)
+    worker = resolve_worker(args.shard, args.num_shards)
+    summary = run_stage1(config, worker=worker, progress=not args.no_progress)
+    tally = summary.tally
+    print(
+        f"stage1: {summary.rows} rows from {tally.units_seen} units in {len(summary.shards_written) + len(summary.shards_skipped)} "
+        f"of {summary.num_shards} shards (worker {summary.worker}; {len(summary.shards_skipped)} complete before) in {summary.out_dir}"
+    )
+    return 0
+
+
+def _add_merge(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        parents=[common],
+        help="join stage outputs (worker folders) into one dataset folder with manifest.json and report.json",
+        description=(
+            "Merge stage output folders (or merged datasets) into one dam.schema dataset folder. Refuses incomplete "
+            "shards (unless --allow-partial) and row ids that occur twice."
+        ),
+    )
+    parser.add_argument("--inputs", required=True, nargs="+", metavar="DIR", help="stage output folders / merged datasets")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the new dataset folder (must not exist, or be empty)")
+    parser.add_argument("--allow-partial", action="store_true", help="merge the complete shards of unfinished runs")
+    parser.set_defaults(handler=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from data_pipeline.merge import merge_datasets
+
+    summary = merge_datasets(args.inputs, args.out, allow_partial=args.allow_partial, progress=not args.no_progress)
+    partial = " (partial: some shards incomplete)" if summary.partial else ""
+    print(f"merged {summary.rows} rows in {summary.shards} shards from {summary.inputs} inputs into {summary.out}{partial}")
+    return 0
+
+
+def _add_stats(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "stats",
+        parents=[common],
+        help="rows, images, sources, caption lengths, top categories and filter counts of a dataset",
+        description="Summarise a dataset folder (merged, or a stage output) or one parquet shard.",
+    )
+    parser.add_argument("path", metavar="DIR", help="dataset folder or parquet file")
+    parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    parser.add_argument("--top", type=int_at_least(1), default=10, metavar="K", help="categories to list (default 10)")
+    parser.set_defaults(handler=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from data_pipeline.stats import dataset_stats, format_stats
+
+    stats = dataset_stats(args.path, top=args.top)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
 
@@ -66,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
     _add_synthetic(subparsers, common)
+    _add_stage1(subparsers, common)
+    _add_merge(subparsers, common)
+    _add_stats(subparsers, common)
     return parser
 
 
@@ -75,6 +177,9 @@ def _configure_logging(args: argparse.Namespace) -> None:
         format="dam-data: %(levelname)s: %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The openai client's HTTP layer logs every request at INFO: millions of lines in a labeling run.
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
