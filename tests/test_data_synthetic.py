@@ -122,3 +122,23 @@ def test_cli_help_and_bad_options(capsys):
     assert main(["synthetic", "--num-images", "0", "--out", "x"]) == 2
     assert "--num-images" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_visual_genome_layout_has_every_object_with_its_box_and_caption(tmp_path, capsys):
+    from dam.images import load_image
+    from dam.visual_genome import load_region_descriptions
+
+    out = tmp_path / "vg"
+    assert _run(out, "--format", "visual-genome") == 0
+    assert "Visual Genome layout" in capsys.readouterr().out
+    regions = load_region_descriptions(out / "region_descriptions.json")
+    assert sorted(regions, key=int) == list(range(1, NUM_IMAGES + 1))
+    for index in range(NUM_IMAGES):
+        rendered = scene(SEED, index)
+        found = regions[index + 1]
+        assert [r.phrase for r in found] == [obj.caption for obj in rendered.objects]
+        assert [tuple(r.box) for r in found] == [tuple(float(v) for v in obj.box) for obj in rendered.objects]
+        assert np.array_equal(load_image(str(out / "images" / f"{index + 1}.png")), rendered.image)
+    before = (out / "images" / "1.png").stat().st_mtime_ns
+    assert _run(out, "--format", "visual-genome") == 0  # a rerun keeps the images already written
+    assert (out / "images" / "1.png").stat().st_mtime_ns == before
