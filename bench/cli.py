@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed-serve": "bench.speed_serve",
         "shapes": "bench.shapes",
         "speed-train": "bench.speed_train",
+        "speed-fcln": "bench.speed_fcln",
         "keywords": "bench.keywords",
         "caption-metrics": "bench.caption_metrics",
         "densecap": "bench.densecap",

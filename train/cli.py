@@ -4,6 +4,7 @@
     dam-train --config configs/train/dam_3b_image.yaml training.output_dir=runs/a --resume
     torchrun --nproc_per_node 8 -m train.cli --config configs/train/dam_3b_image.yaml
     deepspeed --num_gpus 8 --module train.cli --config configs/train/dam_3b_image.yaml
+    dam-train fcln --config configs/train/fcln/vgg16_vg.yaml     # the DenseCap FCLN (train/fcln.py)
 
 Config mistakes (unknown key, missing dataset or model folder, unreadable first rows) print
 one line `dam-train: error: ...` naming the key or file and exit with status 2.
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dam-train",
         description="Fine-tune a Describe Anything Model (DeepSpeed, LoRA, resumable).",
-        epilog="Overrides: key.sub=value after the options, e.g. training.learning_rate=5e-5 data.datasets.0.weight=2",
+        epilog="Overrides: key.sub=value after the options, e.g. training.learning_rate=5e-5 data.datasets.0.weight=2. "
+        "The DenseCap FCLN baseline has its own subcommand: dam-train fcln --help",
     )
     parser.add_argument("--config", required=True, help="YAML training config (see configs/train/)")
     parser.add_argument(
@@ -47,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fcln"]:
+        from train.fcln import main as fcln_main
+
+        return fcln_main(argv[1:])
     args = build_parser().parse_args(argv)
     if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
         args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a checkpoint
