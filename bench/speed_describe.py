@@ -1,13 +1,25 @@
-"""Regions/s of batched `describe_batch` against one region per call, same model, one process.
+"""Regions/s of the three ways to caption many regions, same random-weight model, one process.
 
-The one-per-call path is what the reference DAM does (one `generate` per region). Every
-region generates exactly `--max-new-tokens` tokens (EOS is suppressed until then) so both
-paths do the same work; greedy texts of the two are compared and the agreement printed.
+1. one region per call through transformers `generate` (what the reference DAM does);
+2. `describe_batch(generation="plain")`: left-padded batches of `--batch-size`, one `generate` each;
+3. `describe_batch(generation="fast")`: dam.generation's continuous batching over a slot KV
+   cache with CUDA-graph-captured decode steps (`--decode-step`), `--batch-size` slots.
 
-    python bench/speed_describe.py --shape tiny --num-regions 32                 # CPU smoke
-    python bench/speed_describe.py --shape dam-3b --device cuda --dtype bfloat16 \\
-        --num-regions 64 --max-new-tokens 128 --batch-size 64                     # the GPU goal
+Every region generates exactly `--new-tokens` tokens (min_new_tokens = max_new_tokens, so EOS
+cannot end one early) so that the modes do equal work; greedy texts are compared and the
+agreement printed. For each mode: regions/s, ms per decode step (plain modes: timed between
+`generate`'s steps; fast: the decode loop) and the HBM roofline of a step, (LLM weight bytes +
+KV-cache bytes read at that step's live batch and lengths) / `--bandwidth` (default 3.35e12 B/s,
+an H100 SXM's HBM3; pass your device's). The vision backbone (global + regional pass) is timed
+alone over all regions, in batches of `--batch-size`, and reported as a share of each mode's
+time and as TFLOP/s, its FLOPs counted from the config (matmuls, convolutions, attention).
 
+    python -m bench.speed_describe --shape tiny --regions 16 --new-tokens 8          # CPU smoke, seconds
+    python -m bench.speed_describe --shape dam-3b --regions 256 --new-tokens 128 --device cuda
+
+The dam-3b shape (dam.modeling.sizes.dam_3b_config: SigLIP so400m-patch14-384 tower, 2.7B
+Llama-shaped LLM, mlp_downsample projector) runs in bfloat16 on CUDA; its one-region-per-call
+baseline is timed on `--sequential-regions` regions (default 8 there) and its rate extrapolated.
 Weights are random: the numbers measure the architecture, not a checkpoint.
 """
 
@@ -16,17 +28,26 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dam import DescribeAnything
-from dam.modeling import DamForConditionalGeneration
+from dam.generation import DECODE_STEP_KINDS
+from dam.modeling import DamConfig, DamForConditionalGeneration
 from dam.modeling.sizes import dam_3b_config, tiny_config
 from dam.prompts import DEFAULT_QUERY
 from dam.tokenization import build_word_level_tokenizer, words_of
 
-logger = logging.getLogger("bench.speed_describe")
+H100_SXM_BANDWIDTH = 3.35e12
+"""Bytes/s of an H100 SXM's HBM3 (the H100 PCIe has 2.0e12, the H200 4.8e12)."""
+
+T = TypeVar("T")
 
 
 def build_describer(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> DescribeAnything:
@@ -61,53 +82,222 @@ def synthetic_regions(count: int, size: int = 512, seed: int = 0) -> list[tuple[
     return regions
 
 
-def timed(fn, device: str) -> tuple[object, float]:
+def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], T], device: str) -> tuple[T, float]:
+    _sync(device)
     start = time.perf_counter()
     result = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    _sync(device)
     return result, time.perf_counter() - start
+
+
+# ---- analytic counts ---------------------------------------------------------------------
+
+
+def vision_flops_per_region(config: DamConfig) -> float:
+    """FLOPs of the localized vision backbone for one region (both passes and the adapters).
+
+    Counted as matmuls, convolutions and attention (2 FLOPs per multiply-add), what
+    torch.utils.flop_counter counts; layer norms, activations and residual adds are left out.
+    """
+    vision = config.vision_config
+    width, inner = vision.hidden_size, vision.intermediate_size
+    tokens = (vision.image_size // vision.patch_size) ** 2
+    # RGB (3 channels) and mask (1 channel) patch embeddings.
+    embed = 2 * tokens * width * 4 * vision.patch_size**2
+    # q, k, v, o projections; scores and weighted values; the two MLP matmuls.
+    layer = 2 * tokens * 4 * width * width + 2 * 2 * tokens * tokens * width + 2 * tokens * 2 * width * inner
+    # Cross-attention to the global pass (q, o on the crop's tokens; k, v on the context's) + MLP.
+    adapter = layer
+    layers = config.num_vision_layers_run
+    if config.vision_mode in ("full_only", "crop_only"):
+        return float(embed + layers * layer)
+    if config.vision_mode == "full_and_crop":
+        return float(2 * (embed + layers * layer))
+    return float(embed + layers * layer + embed + layers * (layer + adapter))
+
+
+def decode_weight_bytes(language_model: nn.Module) -> int:
+    """Bytes of LLM weights a decode step reads: all but the input embedding table, of which a
+    step reads one row per sequence (unless it is tied to the output head)."""
+    embedding = language_model.get_input_embeddings().weight
+    head = language_model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+    total = sum(p.numel() * p.element_size() for p in language_model.parameters())
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def kv_bytes_per_token(language_model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token holds over all layers of the LLM."""
+    config = language_model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class Roofline:
+    weight_bytes: int
+    kv_bytes_per_token: int
+    bandwidth: float
+
+    def ms_per_step(self, kv_tokens_per_step: float) -> float:
+        return 1e3 * (self.weight_bytes + kv_tokens_per_step * self.kv_bytes_per_token) / self.bandwidth
+
+
+# ---- timing the plain path's decode steps --------------------------------------------------
+
+
+class StepClock(StoppingCriteria):
+    """Times `generate`'s decode steps: it is called once per generated token, after the
+    step's forward, so the gaps between calls of one `generate` are its decode steps (its
+    first call comes after the prefill, which is thereby left out)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.steps = 0
+        self.seconds = 0.0
+        self._last: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        _sync(self.device)
+        now = time.perf_counter()
+        if input_ids.shape[1] > 1 and self._last is not None:  # input_ids: the new tokens so far
+            self.steps += 1
+            self.seconds += now - self._last
+        self._last = now
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.seconds / self.steps if self.steps else 0.0
+
+
+# ---- the benchmark -----------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["tiny", "dam-3b"], default="tiny")
-    parser.add_argument("--num-regions", type=int, default=64)
+    parser.add_argument("--regions", "--num-regions", dest="regions", type=int, default=64)
     parser.add_argument("--sequential-regions", type=int, default=None,
-                        help="regions timed one per call (default: all; fewer keeps slow baselines short)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+                        help="regions timed one per call (default: all for tiny, 8 for dam-3b)")
+    parser.add_argument("--batch-size", type=int, default=64, help="regions per generate (plain) / decode slots (fast)")
+    parser.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 elsewhere")
+    parser.add_argument("--decode-step", choices=DECODE_STEP_KINDS, default="auto", help="the fast path's decode step")
+    parser.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
+                        help="HBM bytes/s for the roofline (default: H100 SXM, 3.35e12)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    say = print  # the report is this script's output (stdout); library messages go to logging
 
-    dtype = getattr(torch, args.dtype)
+    dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
     describer = build_describer(args.shape, args.device, dtype)
-    regions = synthetic_regions(args.num_regions)
-    sequential_regions = regions[: args.sequential_regions or len(regions)]
-    generation = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False)
+    plain = DescribeAnything(describer.model, describer.tokenizer, generation="plain")
+    fast = DescribeAnything(describer.model, describer.tokenizer, generation="fast", decode_step=args.decode_step)
+    model = describer.model
+    regions = synthetic_regions(args.regions)
+    sequential_count = args.sequential_regions or (min(8, len(regions)) if args.shape == "dam-3b" else len(regions))
+    sequential_regions = regions[:sequential_count]
+    tokens = args.new_tokens
+    generation = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    prompt_length = len(describer.processor.prompt_ids(None, 1))
 
-    describer.describe_batch(regions[:2], batch_size=2, **dict(generation, max_new_tokens=4, min_new_tokens=4))
+    # Warm-up: kernels, allocator; for the fast path every (rows, width) graph it will replay.
+    plain.describe_batch(regions[:2], batch_size=2, **dict(generation, max_new_tokens=4, min_new_tokens=4))
+    fast.describe_batch(regions, batch_size=args.batch_size, **generation)
+
+    sequential_clock = StepClock(args.device)
     sequential, sequential_s = timed(
-        lambda: [describer.describe(image, mask, **generation) for image, mask in sequential_regions], args.device
+        lambda: [
+            plain.describe(image, mask, stopping_criteria=StoppingCriteriaList([sequential_clock]), **generation)
+            for image, mask in sequential_regions
+        ],
+        args.device,
     )
+    batched_clock = StepClock(args.device)
     batched, batched_s = timed(
-        lambda: describer.describe_batch(regions, batch_size=args.batch_size, **generation), args.device
+        lambda: plain.describe_batch(
+            regions, batch_size=args.batch_size, stopping_criteria=StoppingCriteriaList([batched_clock]), **generation
+        ),
+        args.device,
     )
-    sequential_rate = len(sequential_regions) / sequential_s
-    batched_rate = len(regions) / batched_s
-    agree = sum(a == b for a, b in zip(sequential, batched))
+    fast_texts, fast_s = timed(
+        lambda: fast.describe_batch(regions, batch_size=args.batch_size, **generation), args.device
+    )
+    assert fast._fast is not None, "the fast path did not run"
+    stats = fast._fast.stats
+
+    # The vision backbone alone (both passes), over the same regions in the same batches.
+    pixel_batches = [
+        plain._inputs([plain._request(item, None) for item in regions[start : start + args.batch_size]])
+        for start in range(0, len(regions), args.batch_size)
+    ]
+    with torch.no_grad():
+        model.vision(pixel_batches[0]["pixel_values"])  # warm-up
+        _, vision_s = timed(
+            lambda: [model.vision(batch["pixel_values"]) for batch in pixel_batches],
+            args.device,
+        )
+    vision_tflops = vision_flops_per_region(model.config) * len(regions) / vision_s / 1e12
+
+    roofline = Roofline(decode_weight_bytes(model.language_model), kv_bytes_per_token(model.language_model, dtype),
+                        args.bandwidth)
+    # Plain modes: every row live for all steps, a step reads prompt + tokens so far (mean P + T/2).
+    plain_context = prompt_length + tokens / 2
+    batches = -(-len(regions) // args.batch_size)
+    rates = {
+        "sequential": len(sequential_regions) / sequential_s,
+        "batched": len(regions) / batched_s,
+        "fast": len(regions) / fast_s,
+    }
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"device={device_name} shape={args.shape} dtype={args.dtype} new_tokens={args.max_new_tokens}")
-    print(f"one region per call: {len(sequential_regions)} regions in {sequential_s:.2f} s = {sequential_rate:.2f} regions/s")
-    print(f"describe_batch(batch_size={args.batch_size}): {len(regions)} regions in {batched_s:.2f} s "
-          f"= {batched_rate:.2f} regions/s")
-    print(f"identical greedy texts: {agree}/{len(sequential)}")
-    print(f"speed-up batched / one-per-call: {batched_rate / sequential_rate:.1f}x")
-    return {"sequential_rate": sequential_rate, "batched_rate": batched_rate, "agree": agree}
+    say(f"device={device_name} shape={args.shape} dtype={dtype_name} regions={len(regions)} "
+        f"prompt={prompt_length} tokens new_tokens={tokens} batch_size={args.batch_size} "
+        f"decode_step={fast._fast.step_kind}")
+    say(f"roofline assumes {args.bandwidth / 1e12:.2f} TB/s HBM (--bandwidth); a step reads the LLM weights "
+        f"({roofline.weight_bytes / 1e9:.3g} GB) and the live rows' KV cache "
+        f"({roofline.kv_bytes_per_token / 1e3:.3g} kB per token)")
+    say(f"(1) one region per call:  {len(sequential_regions)} regions in {sequential_s:.2f} s = "
+        f"{rates['sequential']:.2f} regions/s, {sequential_clock.ms_per_step:.2f} ms/decode step (batch 1), "
+        f"roofline {roofline.ms_per_step(plain_context):.3g} ms/step")
+    say(f"(2) batched generate:     {len(regions)} regions in {batched_s:.2f} s = {rates['batched']:.2f} regions/s, "
+        f"{batched_clock.ms_per_step:.2f} ms/decode step (batch {len(regions) / batches:.1f}), "
+        f"roofline {roofline.ms_per_step(len(regions) / batches * plain_context):.3g} ms/step")
+    say(f"(3) fast:                 {len(regions)} regions in {fast_s:.2f} s = {rates['fast']:.2f} regions/s, "
+        f"{stats.ms_per_step:.2f} ms/decode step (mean live batch {stats.mean_live_batch:.1f}), "
+        f"roofline {roofline.ms_per_step(stats.mean_kv_tokens_per_step):.3g} ms/step; "
+        f"{stats.decode_steps} steps, {stats.prefill_calls} prefills ({stats.prefill_seconds:.2f} s), "
+        f"{stats.refills} refills, {stats.compactions} compactions, {len(stats.step_shapes)} step shapes")
+    say(f"vision backbone alone: {vision_s:.2f} s for {len(regions)} regions, "
+        f"{vision_flops_per_region(model.config) / 1e9:.3g} GFLOP/region, {vision_tflops:.3g} TFLOP/s; "
+        f"share of (2) {vision_s / batched_s:.0%}, of (3) {vision_s / fast_s:.0%}")
+    agree_batched = sum(a == b for a, b in zip(sequential, batched))
+    agree_fast = sum(a == b for a, b in zip(batched, fast_texts))
+    say(f"identical greedy texts: (1) vs (2) {agree_batched}/{len(sequential)}, (2) vs (3) {agree_fast}/{len(regions)}")
+    say(f"speed-up (3)/(1): {rates['fast'] / rates['sequential']:.1f}x   "
+        f"(3)/(2): {rates['fast'] / rates['batched']:.1f}x   (2)/(1): {rates['batched'] / rates['sequential']:.1f}x")
+    return {
+        "sequential_rate": rates["sequential"],
+        "batched_rate": rates["batched"],
+        "fast_rate": rates["fast"],
+        "agree": agree_batched,
+        "agree_fast": agree_fast,
+        "fast_ms_per_step": stats.ms_per_step,
+        "batched_ms_per_step": batched_clock.ms_per_step,
+        "sequential_ms_per_step": sequential_clock.ms_per_step,
+        "fast_roofline_ms_per_step": roofline.ms_per_step(stats.mean_kv_tokens_per_step),
+        "vision_seconds": vision_s,
+        "vision_tflops": vision_tflops,
+    }
 
 
 if __name__ == "__main__":

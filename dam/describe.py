@@ -5,18 +5,25 @@
     text = model.describe(image, mask)
     texts = model.describe_batch([(image, mask), ...], batch_size=32)
 
-`describe_batch` really batches: left-padded prompts, one `generate` per batch, regions sorted
-by prompt length so that padding stays small; greedy results equal one-at-a-time calls.
+`describe_batch` really batches: regions sorted by prompt length so that padding stays small,
+the vision tower run once per batch; greedy results equal one-at-a-time calls. Text comes from
+one of two generation paths (`generation=`, default "auto": "fast" on CUDA, "plain" elsewhere):
+- "plain": transformers `generate`, one left-padded batch of `batch_size` regions at a time;
+- "fast" (dam.generation): continuous batching over a pre-allocated per-slot KV cache with
+  CUDA-graph-captured decode steps; `batch_size` regions decode together, each stopping on its
+  own, freed slots refilled with waiting regions. Same greedy text as "plain"; settings it does
+  not implement (beams, repetition penalty, streamers, stopping criteria, ...) fall back to
+  "plain" with one log line. `stream` always uses "plain".
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +31,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextIteratorStreamer
 
 from dam.errors import DamInputError
+from dam.generation import FastGenerator, PromptQueue, SamplingSettings, unsupported_reason
+from dam.generation.steps import DECODE_STEP_KINDS, DecodeStepKind
 from dam.images import load_image_and_alpha
 from dam.masks import load_mask
 from dam.modeling import DamForConditionalGeneration, convert_nvlabs_checkpoint, is_nvlabs_layout
@@ -35,6 +44,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 512
 BUILTIN_MODEL = Path(__file__).resolve().parent / "builtin" / "shapes_tiny"
 """The built-in model: a tiny DAM trained on ShapesDLC (configs/train/shapes_tiny.yaml), a few MB."""
+
+GenerationMode = Literal["auto", "plain", "fast"]
+GENERATION_MODES: tuple[str, ...] = ("auto", "plain", "fast")
 
 
 @dataclass
@@ -53,18 +65,34 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 class DescribeAnything:
-    """A loaded DAM with its processor (and optionally SAM for boxes and points)."""
+    """A loaded DAM with its processor (and optionally SAM for boxes and points).
+
+    `generation` picks how text is generated: "fast" (dam.generation: slot KV cache,
+    continuous batching, graph-captured decode steps), "plain" (transformers `generate`), or
+    "auto" (fast on CUDA, plain elsewhere). `decode_step` is the fast path's step: "auto"
+    (CUDA graphs on CUDA, eager elsewhere), "eager", "cuda_graph" or "compile" (torch.compile,
+    plus CUDA graphs on CUDA). Both are attributes and may be changed between calls. The fast
+    path keeps its KV cache allocated between calls, and captures a CUDA graph the first time
+    it meets a (batch, length) bucket: first calls are slower, later ones replay the graphs.
+    """
 
     def __init__(
         self,
         model: DamForConditionalGeneration,
         tokenizer: PreTrainedTokenizerBase,
         sam: Any = None,
+        *,
+        generation: GenerationMode = "auto",
+        decode_step: DecodeStepKind = "auto",
     ) -> None:
         self.model = model.eval()
         self.processor = DamProcessor(tokenizer, model.config)
         self.tokenizer = tokenizer
         self.sam = sam
+        self.generation = generation
+        self.decode_step = decode_step
+        self._fast: FastGenerator | None = None
+        self._fallbacks_logged: set[str] = set()
 
     @classmethod
     def from_pretrained(
@@ -76,6 +104,8 @@ class DescribeAnything:
         sam_checkpoint: str | Path | None = None,
         sam_model_type: str = "vit_h",
         nvlabs_variant: str = "auto",
+        generation: GenerationMode = "auto",
+        decode_step: DecodeStepKind = "auto",
     ) -> "DescribeAnything":
         """Load a DAM checkpoint (a folder written by `save_pretrained`, or a hub id); without
         a path, the built-in ShapesDLC model (it knows only ShapesDLC scenes).
@@ -84,6 +114,7 @@ class DescribeAnything:
         A released NVlabs checkpoint folder (DAM-3B, DAM-3B-Video: llm/, vision_tower/, ...) is
         converted in memory (`dam convert --from-nvlabs` saves the conversion);
         `nvlabs_variant` ("auto", "image" or "joint") then picks its default queries.
+        `generation` and `decode_step`: see the class docstring.
         """
         dtype = _resolve_dtype(dtype)
         if path is None:
@@ -116,7 +147,7 @@ class DescribeAnything:
             from dam.sam import SamPrompter
 
             sam = SamPrompter.from_checkpoint(sam_checkpoint, sam_model_type, device=str(device))
-        return cls(model.to(device), tokenizer, sam=sam)
+        return cls(model.to(device), tokenizer, sam=sam, generation=generation, decode_step=decode_step)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write model, config and tokenizer so that `from_pretrained(path)` restores this."""
@@ -192,7 +223,61 @@ class DescribeAnything:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         return {key: value.to(self.device) for key, value in batch.items()}
 
+    def _fast_settings(self, generate_kwargs: dict[str, Any]) -> SamplingSettings | None:
+        """The fast path's settings for this call, or None to use the plain `generate`."""
+        if self.generation not in GENERATION_MODES:
+            raise DamInputError(f"generation must be one of {GENERATION_MODES}, got {self.generation!r}")
+        if self.decode_step not in DECODE_STEP_KINDS:
+            raise DamInputError(f"decode_step must be one of {DECODE_STEP_KINDS}, got {self.decode_step!r}")
+        if self.generation == "plain" or (self.generation == "auto" and self.device.type != "cuda"):
+            return None
+        settings = unsupported_reason(self.model.language_model) or SamplingSettings.resolve(
+            self.model.generation_config, self._generation_kwargs(generate_kwargs)
+        )
+        if isinstance(settings, str):
+            if settings not in self._fallbacks_logged:  # once per reason, not once per call
+                self._fallbacks_logged.add(settings)
+                level = logging.WARNING if self.generation == "fast" else logging.INFO
+                logger.log(level, "fast generation is off for %s; using transformers generate", settings)
+            return None
+        return settings
+
+    def _fast_generator(self) -> FastGenerator:
+        fast = self._fast
+        if fast is None or fast.requested_step != self.decode_step or fast.device != self.device:
+            self._fast = FastGenerator(self.model.language_model, decode_step=self.decode_step)
+        return self._fast
+
+    def _generate_fast(
+        self,
+        requests: Sequence[_Request],
+        settings: SamplingSettings,
+        slots: int,
+        on_finish: Callable[[int, list[int]], None] | None = None,
+    ) -> list[str]:
+        lengths = [len(self.processor.prompt_ids(r.query, len(r.frames))) for r in requests]
+
+        def prepare(indices: list[int]) -> dict[str, torch.Tensor]:
+            # CPU only (focal crops, resizing, token ids): runs ahead on the queue's thread.
+            return self.processor([requests[i].frames for i in indices], [requests[i].query for i in indices])
+
+        def embed(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            # One batched vision call (global and regional pass) per chunk of regions.
+            pixel_values = batch["pixel_values"].to(self.device, self.model.vision.mask_patch_embedding.weight.dtype)
+            input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"]
+            embeds = self.model.embed_inputs(
+                input_ids, pixel_values, batch["crop_is_full_image"].to(self.device)
+            )  # (B, L, D), left-padded
+            return [embeds[row, embeds.shape[1] - int(length) :] for row, length in enumerate(attention_mask.sum(-1))]
+
+        with PromptQueue(lengths, embed, chunk_size=slots, prepare=prepare) as queue:
+            tokens = self._fast_generator().generate(queue, settings, max_slots=slots, on_finish=on_finish)
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
     def _generate(self, requests: Sequence[_Request], generate_kwargs: dict[str, Any]) -> list[str]:
+        settings = self._fast_settings(generate_kwargs)
+        if settings is not None:
+            return self._generate_fast(requests, settings, slots=len(requests))
         output_ids = self.model.generate(**self._inputs(requests), **self._generation_kwargs(generate_kwargs))
         return [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
 
@@ -220,10 +305,13 @@ class DescribeAnything:
         progress: bool = False,
         **generate_kwargs: Any,
     ) -> list[str]:
-        """Describe many regions, `batch_size` per `generate`; results in input order.
+        """Describe many regions; results in input order.
 
         Each region is (image, mask), (image, mask, query), or a dict with image and one of
-        mask / box / points (optionally query), or a dict with video and masks.
+        mask / box / points (optionally query), or a dict with video and masks. `batch_size`
+        regions go through the vision tower together and decode together: one `generate` per
+        batch on the plain path; on the fast path, `batch_size` decode slots that waiting
+        regions refill as captions end (see the class docstring for `generation`).
         """
         if batch_size < 1:
             raise DamInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -232,6 +320,15 @@ class DescribeAnything:
         lengths = [len(self.processor.prompt_ids(r.query, len(r.frames))) for r in requests]
         order = sorted(range(len(requests)), key=lambda index: lengths[index])
         texts: list[str | None] = [None] * len(requests)
+        settings = self._fast_settings(generate_kwargs)
+        if settings is not None:
+            with tqdm(total=len(order), desc="describe", unit="region", disable=not progress) as bar:
+                generated = self._generate_fast(
+                    [requests[i] for i in order], settings, slots=batch_size, on_finish=lambda *_: bar.update()
+                )
+            for index, text in zip(order, generated):
+                texts[index] = text
+            return texts  # type: ignore[return-value]
         batches = range(0, len(order), batch_size)
         for start in tqdm(batches, desc="describe", unit="batch", disable=not progress):
             chunk = order[start : start + batch_size]
@@ -259,7 +356,8 @@ class DescribeAnything:
         query: str | None = None,
         **generate_kwargs: Any,
     ) -> Iterator[str]:
-        """Yield the description of one region piece by piece as it is generated."""
+        """Yield the description of one region piece by piece as it is generated (always
+        through transformers `generate`, whose streamer this uses)."""
         request = _Request([self.resolve_region(image, mask, box, points, point_labels)], query)
         inputs = self._inputs([request])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)

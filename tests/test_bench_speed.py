@@ -1,17 +1,47 @@
-"""The speed benchmark runs end to end on a tiny model and both paths agree."""
+"""The speed benchmarks run end to end on a tiny model, their paths agree, their analytic counts hold."""
 
 import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import main as bench_main
-from bench.speed_describe import main
+from bench.speed_describe import Roofline, decode_weight_bytes, kv_bytes_per_token, main, vision_flops_per_region
+from tests.factories import tiny_dam
 
 
 def test_speed_describe_tiny_runs_and_paths_agree(capsys):
-    result = main(["--shape", "tiny", "--num-regions", "6", "--batch-size", "4", "--max-new-tokens", "5",
+    result = main(["--shape", "tiny", "--regions", "6", "--batch-size", "4", "--new-tokens", "5",
                    "--device", "cpu", "--dtype", "float32"])
-    assert result["agree"] == 6
-    assert result["batched_rate"] > 0 and result["sequential_rate"] > 0
-    assert "speed-up batched / one-per-call" in capsys.readouterr().out
+    assert result["agree"] == 6 and result["agree_fast"] == 6
+    assert min(result["sequential_rate"], result["batched_rate"], result["fast_rate"]) > 0
+    assert result["fast_ms_per_step"] > 0 and result["fast_roofline_ms_per_step"] > 0
+    assert result["vision_seconds"] > 0 and result["vision_tflops"] > 0
+    out = capsys.readouterr().out
+    assert "speed-up (3)/(1)" in out and "(3)/(2)" in out and "3.35 TB/s" in out
+
+
+@pytest.mark.parametrize("vision_mode", ["focal", "full_only", "full_and_crop"])
+def test_vision_flops_match_a_flop_counter(vision_mode):
+    model = tiny_dam(vision_mode=vision_mode)
+    size = model.config.vision_config.image_size
+    # The math backend runs attention as matmuls, which the counter sees (CPU's fused kernel it does not).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.vision(torch.zeros(3, 8, size, size))
+    assert counter.get_total_flops() == 3 * vision_flops_per_region(model.config)
+
+
+def test_roofline_counts_weights_and_kv_cache():
+    model = tiny_dam()
+    language_model = model.language_model
+    config = language_model.config
+    per_token = kv_bytes_per_token(language_model, torch.bfloat16)
+    assert per_token == 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    weights = decode_weight_bytes(language_model)
+    embedding = language_model.get_input_embeddings().weight
+    assert weights == 4 * (language_model.num_parameters() - embedding.numel())  # float32, untied head
+    roofline = Roofline(weights, per_token, 1e9)
+    assert roofline.ms_per_step(10) == pytest.approx(1e3 * (weights + 10 * per_token) / 1e9)
 
 
 def test_dam_bench_dispatches_and_rejects_unknown_commands(capsys):

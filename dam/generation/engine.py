@@ -1,0 +1,468 @@
+"""FastGenerator: continuous-batching decode of many prompts over a slot KV cache.
+
+The prompts (input embeddings, so image features are already in them) wait in a `PromptQueue`
+that embeds them in large chunks (for DAM: one batched vision call per chunk). The generator
+keeps up to `max_slots` sequences decoding together:
+
+1. Prefill: waiting prompts go through the language model's ordinary forward, left-padded
+   with the plain path's attention mask and position ids and a DynamicCache, several at a time
+   (up to `prefill_tokens` padded tokens per call); their keys/values are copied into free
+   slots of the SlotKVCache (each row from column 0) and their first token is chosen from the
+   prefill logits, as `generate` does.
+2. Decode: one step gives every live row one token (`DecodeStep`: eager, CUDA graph or
+   compiled), attending over its own columns only; the tokens come back to the host, where
+   each row stops on EOS or at max_new_tokens.
+3. Refill: while prompts wait, freed slots are refilled once at least `refill_fraction` of the
+   slots are free (one prefill call then serves several slots), so finished captions stop
+   costing decode compute.
+4. Compact: when nothing waits and at most `compact_fraction` of the rows are live, the live
+   rows move to the front of the cache and steps run on fewer rows (a power of two under
+   CUDA graphs, to bound the number of captured shapes).
+
+Greedy decoding gives the tokens of transformers' `generate` on the same prompts (same
+prefill, same positions; only the batch a row shares its steps with differs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from dam.generation.cache import SlotKVCache
+from dam.generation.sampling import SamplingSettings, choose_tokens
+from dam.generation.steps import DecodeStep, resolve_step_kind
+
+logger = logging.getLogger(__name__)
+
+
+class PromptQueue:
+    """Prompts waiting for a slot, embedded `chunk_size` at a time when first needed.
+
+    `embed(indices)` returns the input embeddings of those prompts, one (L_i, D) tensor each.
+    With `prepare`, a chunk is `embed(prepare(indices))` and `prepare` (the CPU part: image
+    decoding, resizing, tokenising) of the next chunk runs on a background thread while the
+    current one decodes, so the accelerator does not wait for it. Close the queue (or use it as
+    a context manager) to stop that thread.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        embed: Callable[[Any], Sequence[torch.Tensor]],
+        chunk_size: int,
+        prepare: Callable[[list[int]], Any] | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if any(length < 1 for length in lengths):
+            raise ValueError("every prompt needs at least one token")
+        self.lengths = list(lengths)
+        self.embed = embed
+        self.prepare = prepare
+        self.chunk_size = chunk_size
+        self._next = 0  # first index of the next chunk to embed
+        self._ready: list[tuple[int, torch.Tensor]] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._prepared: Future | None = None  # prepare() of the chunk starting at self._next
+
+    def __len__(self) -> int:
+        return len(self._ready) + len(self.lengths) - self._next
+
+    def __enter__(self) -> "PromptQueue":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor, self._prepared = None, None
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths, default=1)
+
+    def _chunk(self, start: int) -> list[int]:
+        return list(range(start, min(start + self.chunk_size, len(self.lengths))))
+
+    def _embed_next_chunk(self) -> None:
+        indices = self._chunk(self._next)
+        if self.prepare is None:
+            embedded = self.embed(indices)
+        else:
+            prepared = self._prepared.result() if self._prepared is not None else self.prepare(indices)
+            self._prepared = None
+            following = self._chunk(indices[-1] + 1)
+            if following:  # overlaps with embedding and decoding this chunk
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dam-prepare")
+                self._prepared = self._executor.submit(self.prepare, following)
+            embedded = self.embed(prepared)
+        for index, embeds in zip(indices, embedded, strict=True):
+            if embeds.shape[0] != self.lengths[index]:
+                raise ValueError(
+                    f"prompt {index} was announced with {self.lengths[index]} tokens but embeds to {embeds.shape[0]}"
+                )
+        self._ready.extend(zip(indices, embedded))
+        self._next = indices[-1] + 1
+
+    def take(self, count: int) -> list[tuple[int, torch.Tensor]]:
+        """The next `count` prompts (fewer at the end) as (index, (L, D) embeddings)."""
+        while len(self._ready) < count and self._next < len(self.lengths):
+            self._embed_next_chunk()
+        taken, self._ready = self._ready[:count], self._ready[count:]
+        return taken
+
+
+@dataclass
+class GenerationStats:
+    """What the last `generate` did; times are host wall-clock (the step loop syncs every step)."""
+
+    prompts: int = 0
+    decode_steps: int = 0
+    live_row_steps: int = 0
+    """Sum over steps of the live rows (a step's useful tokens)."""
+    computed_row_steps: int = 0
+    """Sum over steps of the rows computed (live + finished rows not yet compacted/refilled)."""
+    kv_tokens_read: int = 0
+    """Sum over steps and live rows of the tokens attended (the KV-cache reads a step needs)."""
+    prefill_calls: int = 0
+    refills: int = 0
+    compactions: int = 0
+    prefill_seconds: float = 0.0
+    """Prefill forwards, first-token choice and KV copies (the prompt embedding excluded)."""
+    decode_seconds: float = 0.0
+    embed_seconds: float = 0.0
+    """Time the loop spent getting prompt embeddings (for DAM: the vision tower and projector,
+    plus any preprocessing the background thread had not finished)."""
+    step_shapes: set[tuple[int, int]] = field(default_factory=set)
+
+    @property
+    def mean_live_batch(self) -> float:
+        return self.live_row_steps / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def mean_kv_tokens_per_step(self) -> float:
+        return self.kv_tokens_read / self.decode_steps if self.decode_steps else 0.0
+
+
+@dataclass
+class _Row:
+    index: int
+    length: int
+    """Tokens whose keys/values are in the cache (the prompt, then all but the newest token)."""
+    tokens: list[int]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+def unsupported_reason(language_model: nn.Module) -> str | None:
+    """Why `language_model` cannot use fast generation, or None when it can."""
+    config = language_model.config
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in ("sdpa", "eager"):
+        return f"attention implementation {implementation!r} (fast generation needs 'sdpa' or 'eager' for its masks)"
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted({kind for kind in layer_types if kind != "full_attention"})
+    if other:
+        return f"layer types {other} (fast generation handles full-attention layers only)"
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        return "sliding-window attention (fast generation handles full-attention layers only)"
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder language model"
+    return None
+
+
+class FastGenerator:
+    """Generates for many prompts with a slot KV cache, refill and compaction (see module doc).
+
+    Args:
+        language_model: a transformers causal LM (the DAM's `language_model`).
+        max_slots: sequences decoded together (the decode batch).
+        decode_step: "auto" (CUDA graphs on CUDA, eager elsewhere), "eager", "cuda_graph", "compile".
+        refill: refill freed slots with waiting prompts (else prompts start only when all rows are done).
+        refill_fraction: refill once this fraction of the slots is free.
+        compact_fraction: with nothing waiting, compact once at most this fraction of rows is live.
+        prefill_tokens: padded prompt tokens per prefill call (bounds its activation memory).
+        width_bucket: attention widths are rounded up to a multiple of this (default 64 on CUDA
+            or with compile, 8 otherwise: fewer shapes to capture vs less masked work).
+        power_of_two_rows: run steps on a power-of-two number of rows (default: with CUDA
+            graphs or compile, to bound the shapes captured).
+
+    The KV buffers stay allocated between calls (and with them the captured graphs); `release()`
+    frees them. Calls are serialised by a lock.
+    """
+
+    def __init__(
+        self,
+        language_model: nn.Module,
+        *,
+        max_slots: int = 64,
+        decode_step: str = "auto",
+        refill: bool = True,
+        refill_fraction: float = 0.25,
+        compact_fraction: float = 0.5,
+        prefill_tokens: int = 16384,
+        width_bucket: int | None = None,
+        power_of_two_rows: bool | None = None,
+    ) -> None:
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if not 0 < refill_fraction <= 1 or not 0 <= compact_fraction < 1:
+            raise ValueError("refill_fraction must be in (0, 1] and compact_fraction in [0, 1)")
+        self.language_model = language_model
+        self.max_slots = max_slots
+        self.device = next(language_model.parameters()).device
+        self.requested_step = decode_step
+        self.step_kind = resolve_step_kind(decode_step, self.device)
+        self.refill = refill
+        self.refill_fraction = refill_fraction
+        self.compact_fraction = compact_fraction
+        self.prefill_tokens = prefill_tokens
+        captured = self.step_kind != "eager"
+        # CUDA attention kernels want mask rows aligned to 16 elements anyway.
+        self.width_bucket = width_bucket or (64 if captured or self.device.type == "cuda" else 8)
+        self.power_of_two_rows = captured if power_of_two_rows is None else power_of_two_rows
+        self._cache: SlotKVCache | None = None
+        self._step: DecodeStep | None = None
+        self._lock = threading.Lock()
+        self.stats = GenerationStats()
+        if self.step_kind == "compile":
+            # Step shapes change with the (rows, width) bucket; past dynamo's default limit of 8
+            # recompilations it would silently run the step uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+
+    def release(self) -> None:
+        """Free the KV buffers and captured graphs (the next call allocates again)."""
+        with self._lock:
+            self._cache, self._step = None, None
+
+    # ---- buffers ------------------------------------------------------------------------
+
+    def _buffers(self, like: DynamicCache, slots: int, capacity: int) -> tuple[SlotKVCache, DecodeStep]:
+        if self._step is not None and self._step.kind == "eager":
+            self.step_kind = "eager"  # a step that fell back once is not retried (nor warned about) again
+        if self._cache is None or not self._cache.fits(like, slots, capacity):
+            if self._cache is not None:
+                slots, capacity = max(slots, self._cache.slots), max(capacity, self._cache.capacity)
+            self._cache, self._step = None, None  # free the old buffers before allocating
+            self._cache = SlotKVCache(like, slots, capacity)
+            self._step = DecodeStep(self.language_model, self._cache, self.step_kind)
+            logger.debug("allocated a slot KV cache of %d slots x %d columns", slots, capacity)
+        assert self._step is not None
+        return self._cache, self._step
+
+    # ---- prefill ------------------------------------------------------------------------
+
+    def _prefill(self, prompts: Sequence[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Left-padded prompts through the model, as `generate`'s first step: (k, V) logits of
+        the next token, the prefill's cache and the (k,) prompt lengths."""
+        lengths = torch.tensor([embeds.shape[0] for _, embeds in prompts], device=self.device)
+        padded = int(lengths.max())
+        first = prompts[0][1]
+        inputs_embeds = first.new_zeros((len(prompts), padded, first.shape[-1]))  # (k, Lp, D)
+        attention_mask = torch.zeros((len(prompts), padded), dtype=torch.long, device=self.device)  # (k, Lp)
+        for row, (_, embeds) in enumerate(prompts):
+            inputs_embeds[row, padded - embeds.shape[0] :] = embeds
+            attention_mask[row, padded - embeds.shape[0] :] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill_(attention_mask == 0, 0)  # as generate
+        cache = DynamicCache(config=self.language_model.config)
+        output = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1], cache, lengths  # (k, V)
+
+    def _prefill_groups(self, prompts: list[tuple[int, torch.Tensor]]) -> list[list[tuple[int, torch.Tensor]]]:
+        """Consecutive groups of at most `prefill_tokens` padded tokens (at least one prompt each)."""
+        groups: list[list[tuple[int, torch.Tensor]]] = []
+        for prompt in prompts:
+            if groups:
+                group = groups[-1]
+                longest = max(prompt[1].shape[0], *(embeds.shape[0] for _, embeds in group))
+                if longest * (len(group) + 1) <= self.prefill_tokens:
+                    group.append(prompt)
+                    continue
+            groups.append([prompt])
+        return groups
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        queue: PromptQueue,
+        settings: SamplingSettings,
+        *,
+        generator: torch.Generator | None = None,
+        on_finish: Callable[[int, list[int]], None] | None = None,
+        max_slots: int | None = None,
+    ) -> list[list[int]]:
+        """New tokens of every prompt in `queue`, in queue order (EOS included when produced).
+
+        Sampling draws from `generator` (None: torch's global generator, so `torch.manual_seed`
+        makes it reproducible); draws depend on which prompts share a step, so a seed reproduces
+        a result for the same prompts, order and max_slots. `on_finish(index, tokens)` is called
+        as each sequence ends. `max_slots` overrides the constructor's for this call.
+        """
+        if max_slots is not None and max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        with self._lock:
+            return self._generate(queue, settings, generator, on_finish, max_slots or self.max_slots)
+
+    def _generate(
+        self,
+        queue: PromptQueue,
+        settings: SamplingSettings,
+        generator: torch.Generator | None,
+        on_finish: Callable[[int, list[int]], None] | None,
+        max_slots: int,
+    ) -> list[list[int]]:
+        stats = self.stats = GenerationStats(prompts=len(queue))
+        results: list[list[int] | None] = [None] * len(queue)
+        if not len(queue):
+            return []
+        eos_set = set(settings.eos_token_ids)
+        eos_ids = torch.tensor(settings.eos_token_ids, device=self.device) if eos_set else None
+        capacity = _round_up(queue.max_length + settings.max_new_tokens, self.width_bucket)
+        slots_needed = min(max_slots, len(queue))
+        rows = min(max_slots, _next_power_of_two(slots_needed)) if self.power_of_two_rows else slots_needed
+        table: list[_Row | None] = [None] * rows  # host view of the active rows
+        cache: SlotKVCache | None = None
+        step: DecodeStep | None = None
+        generated: torch.Tensor | None = None  # (S,) tokens generated so far, per row
+        live: torch.Tensor | None = None  # (S,) 1 for rows still generating
+
+        def finish(row: _Row) -> None:
+            results[row.index] = row.tokens
+            if on_finish is not None:
+                on_finish(row.index, row.tokens)
+
+        def is_done(row: _Row, token: int) -> bool:
+            return token in eos_set or len(row.tokens) >= settings.max_new_tokens
+
+        def embed(count: int) -> list[tuple[int, torch.Tensor]]:
+            started = time.perf_counter()
+            taken = queue.take(count)
+            stats.embed_seconds += time.perf_counter() - started
+            return taken
+
+        def fill(free: list[int]) -> None:
+            """Prefill waiting prompts into the `free` rows (ascending)."""
+            nonlocal cache, step, generated, live
+            prompts = embed(len(free))
+            started = time.perf_counter()
+            for group in self._prefill_groups(prompts):
+                logits, prefill_cache, lengths = self._prefill(group)
+                if cache is None:
+                    cache, step = self._buffers(prefill_cache, rows, capacity)
+                    cache.positions.zero_()  # rows no prompt fills then attend to column 0 only
+                    step.input_ids.zero_()
+                    generated = torch.zeros(cache.slots, dtype=torch.long, device=self.device)
+                    live = torch.zeros(cache.slots, dtype=torch.long, device=self.device)
+                assert step is not None and generated is not None and live is not None
+                first = choose_tokens(logits, generated.new_zeros(len(group)), settings, eos_ids, generator)
+                targets = [free.pop(0) for _ in group]
+                slots = torch.tensor(targets, device=self.device)
+                cache.load_rows(prefill_cache, slots, lengths)
+                step.input_ids.index_copy_(0, slots, first[:, None])
+                generated.index_fill_(0, slots, 1)
+                stats.prefill_calls += 1
+                started_rows = []
+                for target, (index, embeds), token in zip(targets, group, first.tolist()):
+                    row = _Row(index, embeds.shape[0], [token])
+                    if is_done(row, token):
+                        finish(row)
+                        free.append(target)
+                    else:
+                        table[target] = row
+                        started_rows.append(target)
+                live.index_fill_(0, slots, 0)
+                if started_rows:
+                    live.index_fill_(0, torch.tensor(started_rows, device=self.device), 1)
+                free.sort()
+            stats.prefill_seconds += time.perf_counter() - started
+
+        while True:
+            free = [r for r in range(rows) if table[r] is None]
+            live_count = rows - len(free)
+            waiting = len(queue)
+            if waiting and free:
+                wanted = max(1, math.ceil(self.refill_fraction * rows))
+                if live_count == 0 or (self.refill and len(free) >= min(wanted, waiting)):
+                    stats.refills += live_count > 0
+                    fill(free)
+                    continue
+            if live_count == 0:
+                break
+            if not waiting and rows > 1 and live_count <= self.compact_fraction * rows:
+                target_rows = _next_power_of_two(live_count) if self.power_of_two_rows else live_count
+                if target_rows < rows:
+                    assert cache is not None and step is not None and generated is not None and live is not None
+                    order = [r for r in range(rows) if table[r] is not None]
+                    index = torch.tensor(order, device=self.device)
+                    width = _round_up(max(row.length for row in table if row is not None) + 1, self.width_bucket)
+                    cache.move_rows(index, min(width, capacity))
+                    for buffer in (step.input_ids, generated, live):
+                        buffer[: len(order)] = buffer[index]
+                        buffer[len(order) : rows] = 0  # stale copies must not advance
+                    table = [table[r] for r in order] + [None] * (target_rows - len(order))
+                    rows = target_rows
+                    stats.compactions += 1
+                    continue
+
+            assert cache is not None and step is not None and generated is not None and live is not None
+            longest = max(row.length for row in table if row is not None)
+            width = min(_round_up(longest + 1, self.width_bucket), capacity)
+            started = time.perf_counter()
+            logits = step(rows, width)  # (R, V)
+            tokens = choose_tokens(logits, generated[:rows], settings, eos_ids, generator)
+            step.input_ids[:rows, 0] = tokens
+            cache.positions[:rows] += live[:rows]
+            generated[:rows] += live[:rows]
+            host_tokens = tokens.tolist()  # the step's one host sync
+            stats.decode_seconds += time.perf_counter() - started
+            stats.decode_steps += 1
+            stats.computed_row_steps += rows
+            stats.live_row_steps += live_count
+            stats.step_shapes.add((rows, width))
+            ended = []
+            for r, row in enumerate(table):
+                if row is None:
+                    continue
+                stats.kv_tokens_read += row.length + 1
+                token = host_tokens[r]
+                row.tokens.append(token)
+                row.length += 1
+                if is_done(row, token):
+                    finish(row)
+                    table[r] = None
+                    ended.append(r)
+            if ended:
+                live.index_fill_(0, torch.tensor(ended, device=self.device), 0)
+        return results  # type: ignore[return-value]
