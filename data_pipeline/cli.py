@@ -2,6 +2,8 @@
 
     dam-data synthetic --num-images 10000 --out data/shapes [--seed 0] [--shard-size 1000]
     dam-data stage1 --config configs/data/stage1_coco.yaml [key.sub=value ...] [--shard I --num-shards N]
+    dam-data stage2 --config configs/data/stage2_sa1b.yaml [key.sub=value ...] [--shard I --num-shards N]
+    dam-data video --config configs/data/video_sav.yaml [key.sub=value ...] [--shard I --num-shards N]
     dam-data merge --inputs DIR [DIR ...] --out DIR [--allow-partial]
     dam-data stats DIR [--json]
 
@@ -10,7 +12,7 @@ Progress and logs go to stderr; stdout gets one summary line. Errors the user ca
 line ``dam-data: error: ...`` and exit with status 2, as argparse does for bad options.
 
 Subcommands register themselves in :func:`build_parser` with ``set_defaults(handler=...)``
-(the SDP stages ``stage2`` and ``sav`` will join ``synthetic`` and ``stage1`` there).
+(the SDP stages ``stage1``, ``stage2`` and ``video`` share :func:`_add_stage`).
 """
 
 from __future__ import annotations
@@ -73,23 +75,58 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_stage1(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def _add_stage(subparsers: Any, common: argparse.ArgumentParser, name: str, help: str, description: str) -> None:
+    """A pipeline stage's subcommand: --config, overrides, worker identity (its handler is _run_<name>)."""
     parser = subparsers.add_parser(
-        "stage1",
+        name,
         parents=[common],
-        help="caption the regions of a segmentation dataset with a labeler (DLC-SDP stage 1)",
+        help=help,
         description=(
-            "Caption every region of a COCO-format, semantic-segmentation or SA-1B source with the configured "
-            "labeler; write dam.schema shards + per-shard reports to output.dir. Rerunning the same command resumes: "
-            "complete shards are skipped. Shards are split over workers by --shard/--num-shards, else by "
-            "RANK/WORLD_SIZE or the SLURM array / task variables."
+            f"{description} Rerunning the same command resumes: complete shards are skipped. Shards are split over "
+            "workers by --shard/--num-shards, else by RANK/WORLD_SIZE or the SLURM array / task variables."
         ),
     )
-    parser.add_argument("--config", required=True, metavar="YAML", help="stage-1 config (see configs/data/)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. output.dir=data/s1")
+    parser.add_argument("--config", required=True, metavar="YAML", help=f"{name} config (see configs/data/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. output.dir=data/out")
     parser.add_argument("--shard", type=int_at_least(0), metavar="I", help="this process is worker I (of --num-shards)")
     parser.add_argument("--num-shards", type=int_at_least(1), metavar="N", help="number of workers sharing the run")
-    parser.set_defaults(handler=_run_stage1)
+    parser.set_defaults(handler=_STAGE_HANDLERS[name])
+
+
+def _add_stage1(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    _add_stage(
+        subparsers, common, "stage1",
+        "caption the regions of a segmentation dataset with a labeler (DLC-SDP stage 1)",
+        "Caption every region of a COCO-format, semantic-segmentation or SA-1B source with the configured "
+        "labeler; write dam.schema shards + per-shard reports to output.dir.",
+    )
+
+
+def _add_stage2(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    _add_stage(
+        subparsers, common, "stage2",
+        "self-label unlabeled images: OWLv2 boxes, SAM masks, filters, captions (DLC-SDP stage 2, SA-1B)",
+        "Detect objects of a vocabulary with OWLv2, segment them with SAM, drop partial objects and low scores, caption "
+        "the best two of different classes per image with the labeler (the stage-1 DAM or a VLM) and keep captions "
+        "SigLIP agrees with; write dam.schema shards + per-shard reports (counts per filter) to output.dir.",
+    )
+
+
+def _add_video(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    _add_stage(
+        subparsers, common, "video",
+        "caption SA-V masklets from 8 frames each with a video DAM or a VLM (DLC-SDP video data)",
+        "Sample frames of every SA-V masklet, drop partial objects, caption each masklet with the labeler; write "
+        "dam.schema video rows (video path + frame indices + masks) + per-shard reports to output.dir.",
+    )
+
+
+def _summary(stage: str, summary: Any) -> None:
+    tally = summary.tally
+    print(
+        f"{stage}: {summary.rows} rows from {tally.units_seen} units in {len(summary.shards_written) + len(summary.shards_skipped)} "
+        f"of {summary.num_shards} shards (worker {summary.worker}; {len(summary.shards_skipped)} complete before) in {summary.out_dir}"
+    )
 
 
 def _run_stage1(args: argparse.Namespace) -> int:
@@ -99,13 +136,33 @@ def _run_stage1(args: argparse.Namespace) -> int:
 
     config = load_stage1_config(args.config, args.overrides)
     worker = resolve_worker(args.shard, args.num_shards)
-    summary = run_stage1(config, worker=worker, progress=not args.no_progress)
-    tally = summary.tally
-    print(
-        f"stage1: {summary.rows} rows from {tally.units_seen} units in {len(summary.shards_written) + len(summary.shards_skipped)} "
-        f"of {summary.num_shards} shards (worker {summary.worker}; {len(summary.shards_skipped)} complete before) in {summary.out_dir}"
-    )
+    _summary("stage1", run_stage1(config, worker=worker, progress=not args.no_progress))
     return 0
+
+
+def _run_stage2(args: argparse.Namespace) -> int:
+    from data_pipeline.config import load_stage2_config
+    from data_pipeline.sharding import resolve_worker
+    from data_pipeline.stage2 import run_stage2
+
+    config = load_stage2_config(args.config, args.overrides)
+    worker = resolve_worker(args.shard, args.num_shards)
+    _summary("stage2", run_stage2(config, worker=worker, progress=not args.no_progress))
+    return 0
+
+
+def _run_video(args: argparse.Namespace) -> int:
+    from data_pipeline.config import load_video_config
+    from data_pipeline.sharding import resolve_worker
+    from data_pipeline.video_stage import run_video_stage
+
+    config = load_video_config(args.config, args.overrides)
+    worker = resolve_worker(args.shard, args.num_shards)
+    _summary("video", run_video_stage(config, worker=worker, progress=not args.no_progress))
+    return 0
+
+
+_STAGE_HANDLERS = {"stage1": _run_stage1, "stage2": _run_stage2, "video": _run_video}
 
 
 def _add_merge(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -166,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     _add_synthetic(subparsers, common)
     _add_stage1(subparsers, common)
+    _add_stage2(subparsers, common)
+    _add_video(subparsers, common)
     _add_merge(subparsers, common)
     _add_stats(subparsers, common)
     return parser

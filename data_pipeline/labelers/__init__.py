@@ -8,7 +8,11 @@ Types (the ``type:`` key of the YAML ``labeler:`` section):
 
 - ``openai``: a VLM behind an OpenAI-compatible endpoint such as vLLM (:mod:`.openai_api`);
 - ``transformers``: a local VLM run in-process (:mod:`.transformers_vlm`);
-- ``dam``: a DAM checkpoint, for self-training (:mod:`.dam_model`).
+- ``dam``: a DAM checkpoint, for self-training (:mod:`.dam_model`);
+- ``placeholder``: a fixed caption, for dry runs and for timing the pipeline itself (:mod:`.placeholder`).
+
+The video stage asks for whole masklets (``VideoLabelRequest``: frames and masks) through
+:func:`data_pipeline.labelers.video.build_video_labeler`.
 
 VLMs see the focal crop and the full image with the region highlighted (:mod:`data_pipeline.views`)
 and one of several prompt phrasings with the category name (:mod:`data_pipeline.prompts`); every
@@ -24,10 +28,11 @@ from typing import Any
 
 from dam.configio import ConfigError, from_dict
 
-from data_pipeline.labelers.base import LabelRequest, LabelResult, Labeler, check_request
+from data_pipeline.labelers.base import LabelRequest, LabelResult, Labeler, VideoLabelRequest, check_request
 
 __all__ = [
     "LabelRequest",
+    "VideoLabelRequest",
     "LabelResult",
     "Labeler",
     "LABELER_TYPES",
@@ -40,6 +45,7 @@ LABELER_TYPES: dict[str, tuple[str, str, str]] = {
     "openai": ("data_pipeline.labelers.openai_api", "OpenAILabelerConfig", "OpenAILabeler"),
     "transformers": ("data_pipeline.labelers.transformers_vlm", "TransformersLabelerConfig", "TransformersLabeler"),
     "dam": ("data_pipeline.labelers.dam_model", "DamLabelerConfig", "DamLabeler"),
+    "placeholder": ("data_pipeline.labelers.placeholder", "PlaceholderLabelerConfig", "PlaceholderLabeler"),
 }
 """type -> (module, config dataclass, labeler class); modules are imported only when used."""
 

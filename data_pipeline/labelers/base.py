@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "LabelRequest",
+    "VideoLabelRequest",
     "LabelResult",
     "Labeler",
     "Generated",
@@ -49,6 +50,25 @@ class LabelRequest:
     mask: np.ndarray  # (H, W) bool, the region
     category: str | None
     seed: int  # per-region seed: prompt-variant choice etc. depend only on it
+
+
+@dataclass
+class VideoLabelRequest(LabelRequest):
+    """One masklet to label: ``frames`` (uint8 (H, W, 3)) and ``masks`` (bool (H, W)), one per sampled frame
+    in time order. ``image`` and ``mask`` are the middle frame's, so image checks still apply
+    (``check_request``) and a labeler without video support labels that frame."""
+
+    frames: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+
+    @classmethod
+    def from_frames(
+        cls, region_id: str, frames: Sequence[np.ndarray], masks: Sequence[np.ndarray], category: str | None, seed: int,
+    ) -> "VideoLabelRequest":
+        if not frames or len(frames) != len(masks):
+            raise ValueError(f"region {region_id!r}: {len(frames)} frames and {len(masks)} masks; give one mask per frame (>= 1)")
+        middle = len(frames) // 2
+        return cls(region_id, frames[middle], masks[middle], category, seed, list(frames), list(masks))
 
 
 @dataclass

@@ -22,7 +22,9 @@ import torch
 from dam.errors import DamInputError
 
 from data_pipeline.cleaning import CleaningConfig
-from data_pipeline.labelers.base import Generated, LabelRequest, LabelResult, label_in_rounds, split_on_oom
+from data_pipeline.labelers.base import (
+    Generated, LabelRequest, LabelResult, VideoLabelRequest, label_in_rounds, split_on_oom,
+)
 from data_pipeline.labelers.transformers_vlm import batch_seed, resolve_device, resolve_dtype
 from data_pipeline.prompts import normalize_category
 
@@ -90,6 +92,13 @@ class DamLabeler:
             return None
         return self.config.query.replace("{category}", normalize_category(request.category) or "object")
 
+    def region_input(self, request: LabelRequest) -> Any:
+        """What ``describe_batch`` gets for one request: (image, mask, query); a video request's
+        frames and masks as a video region (the DAM samples its ``num_video_frames`` of them)."""
+        if isinstance(request, VideoLabelRequest):
+            return {"video": request.frames, "masks": request.masks, "query": self.query_for(request)}
+        return (request.image, request.mask, self.query_for(request))
+
     def _generate_all(self, items: list[tuple[LabelRequest, int]]) -> list[Generated | LabelResult]:
         outputs: list[Generated | LabelResult] = []
         size = self.config.batch_size
@@ -105,7 +114,7 @@ class DamLabeler:
             if config.top_p is not None:
                 kwargs["top_p"] = config.top_p
             torch.manual_seed(batch_seed(items))
-        regions = [(request.image, request.mask, self.query_for(request)) for request, _ in items]
+        regions = [self.region_input(request) for request, _ in items]
         with torch.inference_mode():
             texts = self.describer.describe_batch(regions, batch_size=len(regions), **kwargs)
         tokenizer = self.describer.tokenizer
