@@ -17,9 +17,11 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": "bench.shapes",
         "speed-train": "bench.speed_train",
         "speed-fcln": "bench.speed_fcln",
+        "speed-data": "bench.speed_data",
         "keywords": "bench.keywords",
         "caption-metrics": "bench.caption_metrics",
         "densecap": "bench.densecap",
+        "retrieval": "bench.retrieval",
         "video": "bench.video_bench",
     }
     parser = argparse.ArgumentParser(prog="dam-bench", description="Benchmarks of the DAM toolkit.")

@@ -5,6 +5,18 @@
     text = model.describe(image, mask)
 """
 
+from dam.densecap import (
+    DamCaptioner,
+    DamQueryScorer,
+    DenseCaptioner,
+    FclnCaptioner,
+    FclnProposer,
+    FclnQueryScorer,
+    SamProposer,
+    run_folder,
+    score_queries,
+    search_folder,
+)
 from dam.describe import DescribeAnything
 from dam.errors import DamInputError
 from dam.focal import FocalPrompt, build_focal_prompt, focal_crop_box
@@ -14,14 +26,24 @@ from dam.modeling import DamConfig, DamForConditionalGeneration
 from dam.processing import DamProcessor
 
 __all__ = [
+    "DamCaptioner",
     "DamConfig",
     "DamForConditionalGeneration",
     "DamInputError",
     "DamProcessor",
+    "DamQueryScorer",
+    "DenseCaptioner",
     "DescribeAnything",
+    "FclnCaptioner",
+    "FclnProposer",
+    "FclnQueryScorer",
     "FocalPrompt",
+    "SamProposer",
     "build_focal_prompt",
     "focal_crop_box",
     "load_image",
     "load_mask",
+    "run_folder",
+    "score_queries",
+    "search_folder",
 ]

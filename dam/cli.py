@@ -6,6 +6,7 @@
     dam describe --model ./dam-3b --video clip.mp4 --mask masklet.json
     dam serve --model ./dam-3b --port 8000 --max-batch 32 --ui
     dam convert --from-nvlabs ./DAM-3B --out ./dam-3b
+    dam densecap --input photos/ --output out/ --fcln runs/fcln/final   (dam.densecap.cli)
 
 Only the result goes to stdout (the caption, or one JSON object with ``--json``), so the
 command composes with pipes; diagnostics go through ``logging`` to stderr (``-v`` for more).
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dam.commandline import int_at_least, run_command
+from dam.densecap.cli import add_densecap_parser
 from dam.errors import DamInputError
 from dam.jsonio import read_json
 
@@ -241,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers, common)
     _add_serve(subparsers, common)
     _add_demo_ui(subparsers, common)
+    add_densecap_parser(subparsers, common)
     return parser
 
 
