@@ -187,6 +187,11 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         "--max-queue", type=int_at_least(1), default=256, metavar="N",
         help="most waiting requests; more get 503 with Retry-After (default 256)",
     )
+    batching.add_argument(
+        "--generation", choices=["auto", "plain", "fast"], default="auto",
+        help="fast: continuous batching (requests join and leave the running batch at every decode step); "
+        "plain: one transformers generate per batch; auto (default): fast where the model supports it",
+    )
     parser.add_argument(
         "--max-image-pixels", type=int_at_least(1), default=None, metavar="N",
         help="largest image (width x height) a request may send (default 50000000)",
@@ -461,6 +466,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
         ui=args.ui,
+        generation=args.generation,
     )
     if args.ui:
         logger.info("demo page: http://%s:%d/", args.host, args.port)

@@ -18,10 +18,13 @@ How (one module per concern):
   streamers, stopping criteria) is refused so the caller falls back to `generate`.
 - `engine.FastGenerator`: prefill (left-padded, batched, the plain path's masks and positions)
   into free slots, decode, per-row stopping, refill of freed slots while prompts wait, and
-  compaction of the batch when they do not.
+  compaction of the batch when they do not. The prompt source may stay open (prompts added
+  while others decode join free slots), each prompt may have its own settings (`RowChooser`,
+  seeds), and a per-step callback sees each token and may end rows (stop strings, cancels).
 
 `DescribeAnything(..., generation="fast")` uses it for `describe`, `describe_batch` and
-`describe_video` (default on CUDA; see dam/describe.py). Greedy text equals the plain path's.
+`describe_video` (default on CUDA; see dam/describe.py), and `dam serve` for continuous
+batching of requests (dam/server/continuous.py). Greedy text equals the plain path's.
 
 Benchmark (random weights; one region per call vs batched `generate` vs this):
 
@@ -30,8 +33,8 @@ Benchmark (random weights; one region per call vs batched `generate` vs this):
 """
 
 from dam.generation.cache import SlotKVCache
-from dam.generation.engine import FastGenerator, GenerationStats, PromptQueue, unsupported_reason
-from dam.generation.sampling import SamplingSettings, choose_tokens
+from dam.generation.engine import FastGenerator, GenerationStats, PromptQueue, PromptSource, unsupported_reason
+from dam.generation.sampling import RowChooser, SamplingSettings, choose_tokens, row_generator
 from dam.generation.steps import DECODE_STEP_KINDS, DecodeStep, DecodeStepKind
 
 __all__ = [
@@ -41,8 +44,11 @@ __all__ = [
     "FastGenerator",
     "GenerationStats",
     "PromptQueue",
+    "PromptSource",
+    "RowChooser",
     "SamplingSettings",
     "SlotKVCache",
     "choose_tokens",
+    "row_generator",
     "unsupported_reason",
 ]

@@ -6,13 +6,16 @@ way `generate` does, and refuses (returns a reason) whatever the fast path does 
 fall back to the plain `generate` instead of silently ignoring a setting.
 
 `choose_tokens` does what transformers' greedy search / sampling do for these settings, in the
-same order (min-new-tokens EOS suppression, temperature, top-k, top-p), in float32.
+same order (min-new-tokens EOS suppression, temperature, top-k, top-p), in float32, when every
+row shares one set of settings. `RowChooser` does the same for rows that each have their own
+(a server's requests): each row's token depends on its own logits, settings and, with a `seed`,
+its own generator only, so a seeded request gets the same text whatever it is batched with.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +57,9 @@ class SamplingSettings:
     """Keep the smallest set of tokens whose probability reaches top_p when sampling."""
     eos_token_ids: tuple[int, ...] = ()
     """Any of these ends a sequence (it is kept as the sequence's last token)."""
+    seed: int | None = None
+    """Sample this sequence from a generator of its own seeded with this (see `row_generator`),
+    so that its tokens do not depend on the sequences it shares decode steps with."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -132,3 +138,99 @@ def choose_tokens(
     # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race) without a host sync.
     race = torch.empty_like(probabilities).exponential_(generator=generator)
     return (probabilities / race).argmax(dim=-1)
+
+
+def row_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The generator of one sequence with a seed (None without one: the caller's or torch's)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed % (1 << 64))  # any int64 seed, as OpenAI's
+
+
+class RowChooser:
+    """Next tokens of rows that each have their own `SamplingSettings` (None: an empty row).
+
+    Build one per set of rows (again when rows start, end or move). Row r's token depends only
+    on its own logits, settings and `generators[r]`: min-new-tokens masks its EOS ids, greedy
+    rows take the argmax, sampled rows draw from softmax(scores / temperature) restricted to
+    the top-k, then to the smallest set whose mass reaches top-p (renormalised after top-k), by
+    the exponential race argmax(p / E), E ~ Exp(1), which draws what `torch.multinomial(p, 1)`
+    draws from the same generator, without a host sync. Sampled rows without a generator of
+    their own share the `generator` passed to the call (None: torch's global one).
+    """
+
+    def __init__(
+        self,
+        settings: Sequence[SamplingSettings | None],
+        generators: Sequence[torch.Generator | None],
+        device: torch.device | str,
+    ) -> None:
+        if len(generators) != len(settings):
+            raise ValueError(f"{len(settings)} rows of settings but {len(generators)} generators")
+        self.rows = len(settings)
+        waits = [s is not None and s.min_new_tokens > 0 for s in settings]
+        eos = sorted({e for s, w in zip(settings, waits) if w for e in s.eos_token_ids})  # type: ignore[union-attr]
+        self.eos_ids: torch.Tensor | None = None
+        if eos:
+            self.eos_ids = torch.tensor(eos, device=device)  # (E,)
+            # (R, E): which of the ids are row r's own EOS (rows may end on different ids).
+            self.eos_of_row = torch.tensor(
+                [[w and e in s.eos_token_ids for e in eos] for s, w in zip(settings, waits)],  # type: ignore[union-attr]
+                dtype=torch.bool, device=device,
+            )
+            self.min_new = torch.tensor([s.min_new_tokens if s is not None else 0 for s in settings], device=device)
+        sampled = [r for r, s in enumerate(settings) if s is not None and s.do_sample]
+        self.sampled: torch.Tensor | None = torch.tensor(sampled, device=device) if sampled else None
+        chosen = [settings[r] for r in sampled]
+        self.temperature = torch.tensor([[s.temperature] for s in chosen], dtype=torch.float32, device=device)  # (K, 1)
+        self.top_k = torch.tensor([[s.top_k] for s in chosen], dtype=torch.long, device=device)  # (K, 1), 0: all
+        self.use_top_k = any(s.top_k > 0 for s in chosen)
+        self.use_top_p = any(s.top_p < 1.0 for s in chosen)
+        self.top_p = torch.tensor(
+            [[s.top_p if s.top_p < 1.0 else float("inf")] for s in chosen], dtype=torch.float32, device=device
+        )  # (K, 1); inf: keep all, even where rounding makes the preceding mass reach 1.0
+        self.seeded = [(k, generators[r]) for k, r in enumerate(sampled) if generators[r] is not None]
+        shared = [k for k, r in enumerate(sampled) if generators[r] is None]
+        self.shared: torch.Tensor | None = torch.tensor(shared, device=device) if shared else None
+
+    @property
+    def changes_scores(self) -> bool:
+        """Whether any row's choice differs from the plain argmax of its logits."""
+        return self.eos_ids is not None or self.sampled is not None
+
+    def __call__(
+        self, logits: torch.Tensor, generated: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(R, V) next-token logits and (R,) counts of tokens generated so far -> (R,) token ids."""
+        scores = logits.float()  # (R, V)
+        if self.eos_ids is not None:
+            too_early = (generated < self.min_new)[:, None] & self.eos_of_row  # (R, E)
+            eos_scores = scores.index_select(1, self.eos_ids).masked_fill(too_early, float("-inf"))
+            scores = scores.index_copy(1, self.eos_ids, eos_scores)
+        tokens = scores.argmax(dim=-1)  # (R,)
+        if self.sampled is None:
+            return tokens
+        probabilities = (scores.index_select(0, self.sampled) / self.temperature).softmax(dim=-1)  # (K, V)
+        if self.use_top_k or self.use_top_p:
+            probabilities = self._restrict(probabilities)
+        race = torch.empty_like(probabilities)
+        for k, own in self.seeded:  # one draw of V exponentials per token, as multinomial makes
+            race[k].exponential_(generator=own)
+        if self.shared is not None:
+            noise = torch.empty((self.shared.shape[0], race.shape[1]), device=race.device)
+            race.index_copy_(0, self.shared, noise.exponential_(generator=generator))
+        return tokens.index_copy(0, self.sampled, (probabilities / race).argmax(dim=-1))
+
+    def _restrict(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """(K, V) probabilities -> the same with what top-k / top-p drop at zero."""
+        ordered, order = probabilities.sort(dim=-1, descending=True)  # (K, V)
+        ranks = torch.arange(ordered.shape[1], device=ordered.device)[None, :]  # (1, V)
+        limited = self.top_k > 0  # (K, 1)
+        drop = limited & (ranks >= self.top_k)
+        if self.use_top_p:
+            kept = ordered.masked_fill(drop, 0.0)
+            preceding = kept.cumsum(dim=-1) - kept  # mass of the more likely tokens kept
+            # After top-k, top-p applies to the renormalised distribution, as in transformers.
+            threshold = torch.where(limited, self.top_p * kept.sum(dim=-1, keepdim=True), self.top_p)
+            drop = drop | (preceding >= threshold)  # the most likely token always stays
+        return torch.zeros_like(probabilities).scatter_(1, order, ordered.masked_fill(drop, 0.0))

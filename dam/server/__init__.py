@@ -8,10 +8,17 @@
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},  # RGBA: alpha = mask
         {"type": "text", "text": "Describe the masked region in detail."}]}])
 
+Generation (`ServerSettings.generation`, `dam serve --generation`): "fast" is continuous
+batching on dam.generation (a request that arrives while others decode joins at the next free
+slot; a row that ends frees its slot at once), "plain" one transformers `generate` per batch,
+"auto" (default) fast wherever the engine supports the model (CPU included: it measured at
+least as fast there). Both give the same texts for the same requests.
+
 Modules: `messages` (request bodies -> regions, the mask rule, 400 errors), `batching` (queue
-and worker thread), `rows` (per-row sampling, stopping and streaming inside one batched
-generate), `jobs` (what crosses between the worker and the event loop), `app` (routes), `ui`
-(the demo page), `runner` (uvicorn). Needs ``pip install 'describe-anything-toolkit[demo]'``.
+and worker thread), `continuous` (the fast path's continuous batching), `rows` (per-row
+sampling, stopping and streaming on either path), `jobs` (what crosses between the worker and
+the event loop), `app` (routes), `ui` (the demo page), `runner` (uvicorn). Needs
+``pip install 'describe-anything-toolkit[demo]'``.
 """
 
 from dam.server.app import ServerSettings, create_app

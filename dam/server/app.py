@@ -5,7 +5,11 @@ GET /v1/models (and /models), GET /health, POST /v1/segment (box / points -> mas
 the demo page), GET / (the demo page, with `ui=True`). Bad requests get HTTP 400 with
 ``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; a full queue gets
 503 with Retry-After. No request can take the server down: parsing and image decoding run on
-request threads and raise RequestError, and a failed generation fails only its own batch.
+request threads and raise RequestError, and a failed generation fails only the requests it
+was generating. /health reports the generation path, queued and running requests, `batches`
+(batched calls that started requests) with `mean_batch_size`, `steps` (forward calls that
+gave requests a token), `tokens` (the tokens they gave) and `mean_rows_per_step` (their ratio:
+requests decoding together, on average).
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from dam.describe import DEFAULT_MAX_NEW_TOKENS, DescribeAnything
+from dam.describe import DEFAULT_MAX_NEW_TOKENS, DescribeAnything, GenerationMode
 from dam.errors import DamInputError
 from dam.server.batching import BatchScheduler, QueueFull, prepare_request
+from dam.server.continuous import resolve_generation
 from dam.server.jobs import Delta, Failed, Finished, Job
 from dam.server.messages import RequestError, decode_data_url, parse_chat_request
 
@@ -51,7 +56,7 @@ class ServerSettings:
     model_name: str = "dam"
     """The id /v1/models lists and responses carry (the `model` of a request is not checked)."""
     max_batch: int = 32
-    """Most requests in one batched generate (1 disables batching)."""
+    """Most requests generating together (1 disables batching)."""
     max_wait_ms: float = 10.0
     """Longest a request waits for others to join its batch once the worker is free."""
     max_queue: int = 256
@@ -60,6 +65,11 @@ class ServerSettings:
     """Largest image (width x height) a request may send."""
     ui: bool = False
     """Serve the demo page at /."""
+    generation: GenerationMode | None = None
+    """"fast" (continuous batching on dam.generation: rows leave as they end and waiting
+    requests take their slots), "plain" (one transformers `generate` per batch), or "auto"
+    (fast wherever the engine supports the model, CPU included); None: the describer's
+    `generation` (default "auto"). Both paths give the same texts."""
 
 
 def _error(status: int, message: str, error_type: str, code: str, param: str | None = None, **headers: str) -> JSONResponse:
@@ -112,7 +122,10 @@ async def _wait_finished(job: Job, request: Request) -> Finished | Failed | None
 def create_app(describer: DescribeAnything, settings: ServerSettings | None = None) -> FastAPI:
     """The server app for a loaded model; the batching worker runs while the app is up."""
     settings = settings or ServerSettings()
-    scheduler = BatchScheduler(describer, settings.max_batch, settings.max_wait_ms / 1000.0, settings.max_queue)
+    scheduler = BatchScheduler(
+        describer, settings.max_batch, settings.max_wait_ms / 1000.0, settings.max_queue,
+        generation=resolve_generation(describer, settings.generation),
+    )
     config = describer.model.config
     allowed_frames = tuple(sorted({1, int(config.num_video_frames)}))
     default_max_tokens = describer.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
@@ -123,8 +136,8 @@ def create_app(describer: DescribeAnything, settings: ServerSettings | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler.start()
         logger.info(
-            "serving %s: max_batch=%d max_wait_ms=%g max_queue=%d",
-            settings.model_name, settings.max_batch, settings.max_wait_ms, settings.max_queue,
+            "serving %s: generation=%s max_batch=%d max_wait_ms=%g max_queue=%d",
+            settings.model_name, scheduler.generation, settings.max_batch, settings.max_wait_ms, settings.max_queue,
         )
         yield
         scheduler.stop()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from dam.describe import DescribeAnything
 from dam.server.messages import Sampling
 
 
@@ -26,6 +27,19 @@ class Prepared:
     crop_is_full_image: torch.Tensor  # (F,)
     sampling: Sampling
     stream: bool
+
+
+def model_inputs(describer: DescribeAnything, jobs: Sequence["Job"]) -> dict[str, torch.Tensor]:
+    """The left-padded model inputs of `jobs` on the model's device, as `generate` takes them."""
+    input_ids, attention_mask = describer.processor.pad([job.prepared.input_ids for job in jobs], side="left")
+    dtype = describer.model.vision.mask_patch_embedding.weight.dtype
+    inputs = {
+        "input_ids": input_ids,  # (B, L) left-padded
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat([job.prepared.pixel_values for job in jobs]).to(dtype),  # (sum F, 8, S, S)
+        "crop_is_full_image": torch.cat([job.prepared.crop_is_full_image for job in jobs]),
+    }
+    return {key: value.to(describer.device) for key, value in inputs.items()}
 
 
 @dataclass
