@@ -51,20 +51,26 @@ def _add_synthetic(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format",
-        choices=("dam", "visual-genome"),
+        choices=("dam", "visual-genome", "coco"),
         default="dam",
         help="dam: training rows (default); visual-genome: images/ + region_descriptions.json for dense "
-        "captioning (FCLN, dam-bench densecap)",
+        "captioning (FCLN, dam-bench densecap); coco: images/ + instances.json, a source for dam-data stage1",
     )
     parser.set_defaults(handler=_run_synthetic)
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
     if args.format == "visual-genome":
-        from data_pipeline.shapes_visual_genome import write_shapes_visual_genome
+        from data_pipeline.shapes_layouts import write_shapes_visual_genome
 
         regions = write_shapes_visual_genome(args.out, args.num_images, seed=args.seed, progress=not args.no_progress)
         print(f"{regions} regions from {args.num_images} images in {args.out} (Visual Genome layout)")
+        return 0
+    if args.format == "coco":
+        from data_pipeline.shapes_layouts import write_shapes_coco
+
+        objects = write_shapes_coco(args.out, args.num_images, seed=args.seed, progress=not args.no_progress)
+        print(f"{objects} objects from {args.num_images} images in {args.out} (COCO instances layout)")
         return 0
     from data_pipeline.synthetic import write_synthetic_dataset
 

@@ -142,3 +142,20 @@ def test_visual_genome_layout_has_every_object_with_its_box_and_caption(tmp_path
     before = (out / "images" / "1.png").stat().st_mtime_ns
     assert _run(out, "--format", "visual-genome") == 0  # a rerun keeps the images already written
     assert (out / "images" / "1.png").stat().st_mtime_ns == before
+
+
+def test_coco_layout_is_a_stage1_source_with_every_object(tmp_path, capsys):
+    from data_pipeline.sources import build_source
+    from data_pipeline.config import SourceConfig
+
+    out = tmp_path / "coco"
+    assert _run(out, "--format", "coco") == 0
+    assert "COCO instances layout" in capsys.readouterr().out
+    source = build_source(SourceConfig(type="coco", name="shapes", annotations=str(out / "instances.json"),
+                                       images=str(out / "images")))
+    for index, key in enumerate(source.units()):
+        unit, rendered = source.load(key), scene(SEED, index)
+        assert [region.category for region in unit.regions] == [obj.shape for obj in rendered.objects]
+        for region, mask in zip(unit.regions, rendered.masks):
+            assert np.array_equal(region.decode_mask(), mask)
+        assert np.array_equal(unit.load_image(), rendered.image)

@@ -43,7 +43,7 @@ from dam.fcln import FclnConfig, FclnModel
 from dam.fcln.vocabulary import END_ID, START_ID
 from dam.masks import rle_to_mask
 from dam.shapes import VOCABULARY, scene
-from data_pipeline.shapes_visual_genome import write_shapes_visual_genome
+from data_pipeline.shapes_layouts import write_shapes_visual_genome
 from tests.factories import tiny_dam, tiny_tokenizer
 
 CHROMIUM = next(

@@ -30,7 +30,7 @@ from dam import DescribeAnything
 from dam.densecap import DamQueryScorer, FclnQueryScorer, QueryScores, Regions
 from dam.errors import DamInputError
 from dam.visual_genome import load_region_descriptions
-from data_pipeline.shapes_visual_genome import write_shapes_visual_genome
+from data_pipeline.shapes_layouts import write_shapes_visual_genome
 from tests.test_densecap_app import tiny_shapes_fcln
 
 

@@ -19,7 +19,7 @@ from dam.fcln import FclnModel
 from dam.fcln.vocabulary import UNK_ID
 from dam.jsonio import read_json
 from dam.visual_genome import load_region_descriptions
-from data_pipeline.shapes_visual_genome import write_shapes_visual_genome
+from data_pipeline.shapes_layouts import write_shapes_visual_genome
 from train import fcln_data
 from train.cli import main as dam_train
 from train.fcln import (
