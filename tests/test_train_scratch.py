@@ -28,3 +28,26 @@ def test_the_tokenizer_knows_every_caption_word():
     for values in VOCABULARY.values():
         for phrase in values:
             assert tokenizer.unk_token_id not in tokenizer(phrase, add_special_tokens=False)["input_ids"], phrase
+
+
+def test_sincos_position_init_codes_rows_and_columns():
+    import pytest
+    import torch
+
+    from dam.configio import ConfigError
+    from train.config import ModelConfig
+    from train.model import build_model, sincos_position_embeddings
+
+    code = sincos_position_embeddings(4, 16)  # (16 patches, 16 channels): rows in the first half
+    grid = code.view(4, 4, 16)
+    assert torch.equal(grid[:, 0, :8], grid[:, 3, :8])  # row half: same along a row
+    assert torch.equal(grid[0, :, 8:], grid[3, :, 8:])  # column half: same down a column
+    assert len({tuple(row.tolist()) for row in code}) == 16  # every patch has its own code
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        sincos_position_embeddings(4, 18)
+
+    config = ModelConfig(vision=str(COMMITTED / "vision"), llm=str(COMMITTED / "llm"),
+                         tokenizer=str(COMMITTED / "tokenizer"), random_init=True, vision_position_init="sincos")
+    model, _ = build_model(config)
+    embedding = model.vision.tower.embeddings.position_embedding.weight
+    assert torch.equal(embedding, sincos_position_embeddings(12, embedding.shape[1]))

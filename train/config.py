@@ -32,6 +32,10 @@ class ModelConfig:
     """A tokenizer folder overriding the LLM's (or the checkpoint's)."""
     random_init: bool = False
     """Build `vision` and `llm` from their config.json with random weights (training from scratch)."""
+    vision_position_init: Literal["random", "sincos"] = "random"
+    """With `random_init`: start the tower's (learned) position embeddings at random values, or at a
+    fixed 2D sine-cosine code of the patch grid, the structure a pretrained SigLIP's have. DAM's
+    regional tokens learn where the region is only through the global tokens' position content."""
     dam: dict[str, Any] = field(default_factory=dict)
     """DamConfig fields of a new DAM: projector_type, gate_type, prompt_template, focal_alpha, ..."""
 

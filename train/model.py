@@ -27,6 +27,31 @@ def _check_folder(path: str, key: str) -> str:
     return path
 
 
+def sincos_position_embeddings(grid_size: int, width: int) -> torch.Tensor:
+    """(grid_size**2, width) 2D sine-cosine code, row-major: half the channels encode the row, half
+    the column, each as sines and cosines at geometrically spaced frequencies (as MAE)."""
+    if width % 4:
+        raise ConfigError(f"model.vision_position_init: sincos needs a hidden size divisible by 4, got {width}")
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    coordinates = torch.arange(grid_size, dtype=torch.float64)
+    rows, columns = torch.meshgrid(coordinates, coordinates, indexing="ij")
+
+    def code(values: torch.Tensor) -> torch.Tensor:  # (G*G,) -> (G*G, width/2)
+        angles = values.reshape(-1, 1) * frequencies
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([code(rows), code(columns)], dim=1).float()
+
+
+def _init_positions(vision: SiglipVisionModel, how: str) -> None:
+    if how == "random":
+        return
+    embedding = getattr(vision, "vision_model", vision).embeddings.position_embedding  # 4.x nests it
+    grid_size = vision.config.image_size // vision.config.patch_size
+    with torch.no_grad():
+        embedding.weight.copy_(sincos_position_embeddings(grid_size, embedding.weight.shape[1]))
+
+
 def build_model(config: ModelConfig) -> tuple[DamForConditionalGeneration, PreTrainedTokenizerBase]:
     """The DAM and tokenizer a run starts from (float32 master weights; mixed precision is the trainer's)."""
     if config.checkpoint:
@@ -40,6 +65,7 @@ def build_model(config: ModelConfig) -> tuple[DamForConditionalGeneration, PreTr
     tokenizer_path = _check_folder(config.tokenizer, "model.tokenizer") if config.tokenizer else llm_path
     if config.random_init:
         vision = SiglipVisionModel(AutoConfig.from_pretrained(vision_path))
+        _init_positions(vision, config.vision_position_init)
         llm_config = AutoConfig.from_pretrained(llm_path)
         llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=config.dam.get("attn_implementation", "sdpa"))
     else:
