@@ -36,7 +36,7 @@ from dam.configio import ConfigError, to_dict
 from dam.schema import image_row
 from data_pipeline.config import Stage1Config
 from data_pipeline.filters import filter_regions
-from data_pipeline.labelers import Labeler, LabelRequest, build_labeler, labeler_config
+from data_pipeline.labelers import Labeler, LabelRequest, OwnsLabeler, build_labeler, labeler_config
 from data_pipeline.seeds import region_seed
 from data_pipeline.sharding import RunSummary, UnitResult, Worker, run_sharded
 from data_pipeline.sources import Source, SkipLog, UnitSkipped, WorkUnit, build_source, load_unit
@@ -91,7 +91,7 @@ def stage1_manifest(config: Stage1Config, source: Source) -> dict[str, Any]:
     }
 
 
-class Stage1Processor:
+class Stage1Processor(OwnsLabeler):
     """One work unit -> its captioned rows and tally; plugged into ``run_sharded``.
 
     The labeler is built on first use (``labeler_factory``), so a rerun with every shard complete,
@@ -102,21 +102,7 @@ class Stage1Processor:
         self.source, self.config = source, config
         self.image_root = image_root_of(config)
         self._labeler_factory = labeler_factory
-        self._labeler: Labeler | None = None
         self.log = SkipLog()
-
-    @property
-    def labeler(self) -> Labeler:
-        if self._labeler is None:
-            self._labeler = self._labeler_factory()
-        return self._labeler
-
-    def close(self) -> None:
-        """Close the labeler this processor built (HTTP connections, event loop), if it has close()."""
-        close = getattr(self._labeler, "close", None)
-        if callable(close):
-            close()
-        self._labeler = None
 
     def _stored_image(self, unit: WorkUnit) -> str | bytes:
         if self.image_root is None:

@@ -64,7 +64,7 @@ from dam.jsonio import read_json
 from dam.schema import image_row
 from data_pipeline.config import PartialConfig, Stage2Config
 from data_pipeline.detection import BoxSegmenter, OwlDetector, load_vocabulary
-from data_pipeline.labelers import Labeler, LabelRequest, labeler_config
+from data_pipeline.labelers import Labeler, LabelRequest, OwnsLabeler, labeler_config
 from data_pipeline.rejection import InstanceSegmenter, SiglipScorer, focal_crop, judge_mask
 from data_pipeline.seeds import region_seed
 from data_pipeline.sharding import RunSummary, UnitResult, Worker, run_sharded
@@ -234,7 +234,7 @@ def partial_reason(verdict: str, config: PartialConfig) -> str | None:
     return None
 
 
-class Stage2Processor:
+class Stage2Processor(OwnsLabeler):
     """One SA-1B image -> its stage-2 rows and tally; plugged into ``run_sharded``.
 
     Models and labeler are built on first use, so a rerun with every shard complete loads nothing.
@@ -248,7 +248,6 @@ class Stage2Processor:
         self.image_root = image_root_of(config)  # type: ignore[arg-type]  # reads output and source only
         self._models_factory, self._labeler_factory = models_factory, labeler_factory
         self._models: Stage2Models | None = None
-        self._labeler: Labeler | None = None
         self.log = SkipLog()
 
     @property
@@ -256,19 +255,6 @@ class Stage2Processor:
         if self._models is None:
             self._models = self._models_factory()
         return self._models
-
-    @property
-    def labeler(self) -> Labeler:
-        if self._labeler is None:
-            self._labeler = self._labeler_factory()
-        return self._labeler
-
-    def close(self) -> None:
-        """Close the labeler this processor built (HTTP connections), if it has close()."""
-        close = getattr(self._labeler, "close", None)
-        if callable(close):
-            close()
-        self._labeler = None
 
     def __call__(self, key: str) -> UnitResult:
         result = UnitResult()

@@ -46,7 +46,7 @@ from dam.schema import video_row
 from dam.video import read_video_frames, sample_masklet_frames
 from data_pipeline.config import VideoStageConfig
 from data_pipeline.filters import filter_regions
-from data_pipeline.labelers import Labeler, VideoLabelRequest
+from data_pipeline.labelers import Labeler, OwnsLabeler, VideoLabelRequest
 from data_pipeline.labelers.video import build_video_labeler, video_labeler_config
 from data_pipeline.rejection import InstanceSegmenter, judge_mask
 from data_pipeline.seeds import region_seed
@@ -82,7 +82,7 @@ def masklet_frames(region: Region, num_video_frames: int, num_frames: int) -> li
     return sample_masklet_frames(visible, num_frames)
 
 
-class VideoStageProcessor:
+class VideoStageProcessor(OwnsLabeler):
     """One SA-V video -> its captioned masklet rows and tally; plugged into ``run_sharded``."""
 
     def __init__(
@@ -92,28 +92,15 @@ class VideoStageProcessor:
         self.source, self.config = source, config
         self.image_root = image_root_of(config)  # type: ignore[arg-type]  # reads output and source only
         self._labeler_factory, self._instances_factory = labeler_factory, instances_factory
-        self._labeler: Labeler | None = None
         self._instances: InstanceSegmenter | None = None
         self._instances_built = False
         self.log = SkipLog()
-
-    @property
-    def labeler(self) -> Labeler:
-        if self._labeler is None:
-            self._labeler = self._labeler_factory()
-        return self._labeler
 
     @property
     def instances(self) -> InstanceSegmenter | None:
         if not self._instances_built:
             self._instances, self._instances_built = self._instances_factory(), True
         return self._instances
-
-    def close(self) -> None:
-        close = getattr(self._labeler, "close", None)
-        if callable(close):
-            close()
-        self._labeler = None
 
     def __call__(self, key: str) -> UnitResult:
         result = UnitResult()

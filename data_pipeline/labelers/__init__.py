@@ -28,9 +28,10 @@ from typing import Any
 
 from dam.configio import ConfigError, from_dict
 
-from data_pipeline.labelers.base import LabelRequest, LabelResult, Labeler, VideoLabelRequest, check_request
+from data_pipeline.labelers.base import LabelRequest, LabelResult, Labeler, OwnsLabeler, VideoLabelRequest, check_request
 
 __all__ = [
+    "OwnsLabeler",
     "LabelRequest",
     "VideoLabelRequest",
     "LabelResult",

@@ -190,3 +190,24 @@ def split_on_oom(items: list[T], run: Callable[[list[T]], list[Generated | Label
     half = len(items) // 2
     logger.warning("out of memory on a batch of %d; splitting it", len(items))
     return split_on_oom(items[:half], run) + split_on_oom(items[half:], run)
+
+
+class OwnsLabeler:
+    """Mixin of the stage processors: the labeler is built by ``_labeler_factory`` on first use (a
+    rerun whose shards are all complete loads no model and opens no connection) and closed by close()."""
+
+    _labeler_factory: Callable[[], Labeler]
+    _labeler: Labeler | None = None
+
+    @property
+    def labeler(self) -> Labeler:
+        if self._labeler is None:
+            self._labeler = self._labeler_factory()
+        return self._labeler
+
+    def close(self) -> None:
+        """Close the labeler this processor built (HTTP connections, event loop), if it has close()."""
+        close = getattr(self._labeler, "close", None)
+        if callable(close):
+            close()
+        self._labeler = None
