@@ -233,3 +233,13 @@ def test_downsample_merges_blocks_in_the_configured_order(column_major):
     # within a block: (r0,c0), (r0,c1), (r1,c0), (r1,c1); the padded row/column is zero
     assert merged[0, 0].tolist() == [0, 0, 0, 1, 1, 0, 1, 1]
     assert merged[0, 3].tolist() == [2, 2, 0, 0, 0, 0, 0, 0]
+
+
+def test_context_layer_norm_normalises_what_the_cross_attention_reads():
+    model = tiny_dam(context_layer_norm=True)
+    assert all(a.context_norm is not None for a in model.vision.adapters)
+    assert all(a.context_norm is None for a in tiny_dam().vision.adapters)  # the paper's (and NVlabs') layout
+    adapter = model.vision.adapters[0]
+    hidden, context = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    # shifting and scaling every context token alike leaves a normalised context unchanged
+    torch.testing.assert_close(adapter(hidden, context), adapter(hidden, 3.0 * context + 5.0), rtol=1e-4, atol=1e-4)

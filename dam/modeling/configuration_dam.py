@@ -79,6 +79,10 @@ class DamConfig(PretrainedConfig):
         downsample_order: token order of the `mlp_downsample` 2x2 merge: "row_major" blocks, or
             "column_major" as the released checkpoints' projector emits them (the channel order
             within a block is (r0,c0), (r0,c1), (r1,c0), (r1,c1) either way).
+        context_layer_norm: normalise the global context z (a LayerNorm per adapter) before the
+            cross-attention's key and value projections. Not in the paper nor the released
+            checkpoints (False keeps them exact); an option for towers trained from scratch,
+            whose raw residual states carry large offsets shared by every token.
     """
 
     model_type = "dam"
@@ -104,6 +108,7 @@ class DamConfig(PretrainedConfig):
         default_video_query: str | None = None,
         resize_backend: ResizeBackend = "torch",
         downsample_order: DownsampleOrder = "row_major",
+        context_layer_norm: bool = False,
         **kwargs: Any,
     ) -> None:
         _check_choice("projector_type", projector_type, ProjectorType)
@@ -141,6 +146,7 @@ class DamConfig(PretrainedConfig):
         self.resize_backend = resize_backend
         self.downsample_order = downsample_order
         self.mask_embedding_init = mask_embedding_init
+        self.context_layer_norm = context_layer_norm
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
 

@@ -57,10 +57,11 @@ class CrossAttention(nn.Module):
 class GatedCrossAttentionAdapter(nn.Module):
     """h + g_a·CrossAttn(LN1(h), z), then + g_m·MLP(LN2(h)); gates start at zero."""
 
-    def __init__(self, config: SiglipVisionConfig, gate_type: str) -> None:
+    def __init__(self, config: SiglipVisionConfig, gate_type: str, context_layer_norm: bool = False) -> None:
         super().__init__()
         self.gate_type = gate_type
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.context_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if context_layer_norm else None
         self.cross_attn = CrossAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
@@ -78,6 +79,8 @@ class GatedCrossAttentionAdapter(nn.Module):
         if active is not None:  # (B,) -> (B, 1, 1): zero gate for skipped samples
             active = active.to(hidden_states.dtype).view(-1, 1, 1)
             attn_gate, mlp_gate = attn_gate * active, mlp_gate * active
+        if self.context_norm is not None:
+            context = self.context_norm(context)
         hidden_states = hidden_states + attn_gate * self.cross_attn(self.layer_norm1(hidden_states), context)
         return hidden_states + mlp_gate * self.mlp(self.layer_norm2(hidden_states))
 
@@ -97,7 +100,7 @@ class LocalizedVisionBackbone(nn.Module):
         self.tower = tower if tower is not None else SiglipVisionModel(vision_config)
         self.mask_patch_embedding = MaskPatchEmbedding(vision_config)
         self.adapters = nn.ModuleList(
-            GatedCrossAttentionAdapter(vision_config, config.gate_type)
+            GatedCrossAttentionAdapter(vision_config, config.gate_type, config.context_layer_norm)
             for _ in range(vision_config.num_hidden_layers)
         )
         self.num_layers_run = config.num_vision_layers_run
