@@ -41,6 +41,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
+from dam.commandline import int_at_least
 from dam.errors import DamInputError
 from dam.jsonio import read_json
 from dam.visual_genome import VGRegion, load_region_descriptions, normalize_caption
@@ -348,14 +349,7 @@ def densecap_map(
     )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_positive_int = int_at_least(1)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

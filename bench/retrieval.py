@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from dam.commandline import int_at_least
 from dam.densecap import FixedProposer, QueryScores, Regions, score_queries
 from dam.errors import DamInputError
 from dam.images import load_image
@@ -266,14 +267,7 @@ def run_speed(gt: Mapping[Hashable, Sequence[VGRegion]], images_dir: str | Path,
 # ---- command line --------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_positive_int = int_at_least(1)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
