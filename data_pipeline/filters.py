@@ -9,11 +9,15 @@ every rerun and worker). Filters set to null are off and absent from the report.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from data_pipeline.config import FilterConfig
 from data_pipeline.seeds import region_seed
-from data_pipeline.sources.base import Region, WorkUnit
+from data_pipeline.sources.base import Region, SkipLog, Source, WorkUnit, load_unit
 from data_pipeline.tally import Tally
+
+if TYPE_CHECKING:
+    from data_pipeline.sharding import UnitResult
 
 
 def _at_least(field: str, threshold: float) -> Callable[[Region], bool]:
@@ -48,6 +52,19 @@ def filter_regions(unit: WorkUnit, config: FilterConfig, seed: int, tally: Tally
         _count(tally, "max_regions_per_unit", "over_cap", len(passed), len(regions) - len(passed))
         regions = passed
     return regions
+
+
+def load_filtered_unit(
+    source: Source, key: str, config: FilterConfig, seed: int, result: "UnitResult", log: SkipLog
+) -> tuple[WorkUnit, list[Region]] | None:
+    """The unit ``key`` and its regions that pass the filters, counted in ``result``; None when
+    the unit is unusable or no region is left (then the image is never decoded)."""
+    unit = load_unit(source, key, result.tally, log)
+    if unit is None:
+        return None
+    result.regions = len(unit.regions)
+    regions = filter_regions(unit, config, seed, result.tally)
+    return (unit, regions) if regions else None
 
 
 def _count(tally: Tally, name: str, reason: str, kept: int, rejected: int) -> None:

@@ -35,11 +35,11 @@ from typing import Any
 from dam.configio import ConfigError, to_dict
 from dam.schema import image_row
 from data_pipeline.config import Stage1Config
-from data_pipeline.filters import filter_regions
+from data_pipeline.filters import load_filtered_unit
 from data_pipeline.labelers import Labeler, LabelRequest, OwnsLabeler, build_labeler, labeler_config
 from data_pipeline.seeds import region_seed
 from data_pipeline.sharding import RunSummary, UnitResult, Worker, run_sharded
-from data_pipeline.sources import Source, SkipLog, UnitSkipped, WorkUnit, build_source, load_unit
+from data_pipeline.sources import Source, SkipLog, UnitSkipped, build_source
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,20 @@ def image_root_of(config: Stage1Config) -> Path | None:
     return Path(os.path.abspath(config.output.image_root or config.source.images))
 
 
+def stored_image(path: Path, image_root: Path | None) -> str | bytes:
+    """What a row stores of the file at ``path``: its path relative to ``image_root``, or (root None) its bytes."""
+    if image_root is None:
+        return path.read_bytes()
+    absolute = Path(os.path.abspath(path))  # abspath, not resolve: symlinked trees stay under their root
+    try:
+        return absolute.relative_to(image_root).as_posix()
+    except ValueError:
+        raise ConfigError(
+            f"output.image_root: image {str(absolute)!r} is not under {str(image_root)!r}; set output.image_root to a folder "
+            f"holding every file (or output.image_storage=bytes)"
+        ) from None
+
+
 def stage1_manifest(config: Stage1Config, source: Source) -> dict[str, Any]:
     """What defines a stage-1 output (recorded in run.json; a rerun must match it)."""
     root = image_root_of(config)
@@ -104,31 +118,16 @@ class Stage1Processor(OwnsLabeler):
         self._labeler_factory = labeler_factory
         self.log = SkipLog()
 
-    def _stored_image(self, unit: WorkUnit) -> str | bytes:
-        if self.image_root is None:
-            return unit.path.read_bytes()
-        path = Path(os.path.abspath(unit.path))  # abspath, not resolve: symlinked image trees stay under their root
-        try:
-            return path.relative_to(self.image_root).as_posix()
-        except ValueError:
-            raise ConfigError(
-                f"output.image_root: image {str(path)!r} is not under {str(self.image_root)!r}; set output.image_root "
-                f"to a folder holding every image (or output.image_storage=bytes)"
-            ) from None
-
     def __call__(self, key: str) -> UnitResult:
         result = UnitResult()
         tally = result.tally
-        unit = load_unit(self.source, key, tally, self.log)
-        if unit is None:
+        loaded = load_filtered_unit(self.source, key, self.config.filters, self.config.seed, result, self.log)
+        if loaded is None:
             return result
-        result.regions = len(unit.regions)
-        regions = filter_regions(unit, self.config.filters, self.config.seed, tally)
-        if not regions:  # nothing to caption: the image is not even decoded
-            return result
+        unit, regions = loaded
         try:
             image = unit.load_image()
-            stored = self._stored_image(unit)
+            stored = stored_image(unit.path, self.image_root)
         except (UnitSkipped, OSError) as exc:
             reason = exc.reason if isinstance(exc, UnitSkipped) else "unreadable_image"
             tally.skip_unit(reason)

@@ -70,14 +70,14 @@ from data_pipeline.seeds import region_seed
 from data_pipeline.sharding import RunSummary, UnitResult, Worker, run_sharded
 from data_pipeline.sources import SkipLog, Source, UnitSkipped, WorkUnit, build_source
 from data_pipeline.sources.sa1b import Sa1bSource
-from data_pipeline.stage1 import LABELER_FILTER, _data_defining, _reason_key, image_root_of, make_labeler
+from data_pipeline.stage1 import LABELER_FILTER, _data_defining, _reason_key, image_root_of, make_labeler, stored_image
 from data_pipeline.tally import Tally
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FILTERS", "Candidate", "Stage2Models", "Stage2Processor", "run_stage2", "stage2_manifest", "load_image_unit",
-    "stored_image", "mask_iou",
+    "mask_iou",
 ]
 
 FILTERS = ("detector", "detector_score", "sam_iou", "mask", "partial", "shortlist", LABELER_FILTER, "siglip", "per_image")
@@ -177,20 +177,6 @@ def load_image_unit(source: Source, key: str, tally: Tally, log: SkipLog) -> Wor
         log.warn(skip.reason, str(skip))
         return None
     return unit
-
-
-def stored_image(path: Path, image_root: Path | None) -> str | bytes:
-    """What a row stores of the file at ``path``: its path relative to ``image_root``, or (root None) its bytes."""
-    if image_root is None:
-        return path.read_bytes()
-    absolute = Path(os.path.abspath(path))  # abspath, not resolve: symlinked trees stay under their root
-    try:
-        return absolute.relative_to(image_root).as_posix()
-    except ValueError:
-        raise ConfigError(
-            f"output.image_root: {str(absolute)!r} is not under {str(image_root)!r}; set output.image_root to a folder "
-            f"holding every file (or output.image_storage=bytes)"
-        ) from None
 
 
 def mask_iou(a: Candidate, b: Candidate) -> float:

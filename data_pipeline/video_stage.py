@@ -45,15 +45,15 @@ from dam.masks import rle_to_mask
 from dam.schema import video_row
 from dam.video import read_video_frames, sample_masklet_frames
 from data_pipeline.config import VideoStageConfig
-from data_pipeline.filters import filter_regions
+from data_pipeline.filters import load_filtered_unit
 from data_pipeline.labelers import Labeler, OwnsLabeler, VideoLabelRequest
 from data_pipeline.labelers.video import build_video_labeler, video_labeler_config
 from data_pipeline.rejection import InstanceSegmenter, judge_mask
 from data_pipeline.seeds import region_seed
 from data_pipeline.sharding import RunSummary, UnitResult, Worker, run_sharded
-from data_pipeline.sources import Region, SkipLog, Source, WorkUnit, build_source, load_unit
-from data_pipeline.stage1 import LABELER_FILTER, _data_defining, _reason_key, image_root_of
-from data_pipeline.stage2 import partial_reason, stored_image
+from data_pipeline.sources import Region, SkipLog, Source, WorkUnit, build_source
+from data_pipeline.stage1 import LABELER_FILTER, _data_defining, _reason_key, image_root_of, stored_image
+from data_pipeline.stage2 import partial_reason
 from data_pipeline.tally import Tally
 
 logger = logging.getLogger(__name__)
@@ -105,13 +105,10 @@ class VideoStageProcessor(OwnsLabeler):
     def __call__(self, key: str) -> UnitResult:
         result = UnitResult()
         tally = result.tally
-        unit = load_unit(self.source, key, tally, self.log)
-        if unit is None:
+        loaded = load_filtered_unit(self.source, key, self.config.filters, self.config.seed, result, self.log)
+        if loaded is None:
             return result
-        result.regions = len(unit.regions)
-        regions = filter_regions(unit, self.config.filters, self.config.seed, tally)
-        if not regions:
-            return result
+        unit, regions = loaded
         stored: str | None = None
         if self.image_root is not None:
             stored = stored_image(unit.path, self.image_root)  # type: ignore[assignment]
