@@ -51,3 +51,29 @@ def test_sincos_position_init_codes_rows_and_columns():
     model, _ = build_model(config)
     embedding = model.vision.tower.embeddings.position_embedding.weight
     assert torch.equal(embedding, sincos_position_embeddings(12, embedding.shape[1]))
+
+
+def test_sincos_scale_and_a_frozen_position_embedding():
+    import pytest
+    import torch
+
+    from dam.configio import ConfigError
+    from train.config import FreezeConfig, LoraConfig, ModelConfig, TrainConfig, load_config
+    from train.model import apply_freeze_policy, build_model, sincos_position_embeddings
+
+    config = ModelConfig(vision=str(COMMITTED / "vision"), llm=str(COMMITTED / "llm"), tokenizer=str(COMMITTED / "tokenizer"),
+                         random_init=True, vision_position_init="sincos", vision_position_scale=4.0)
+    model, _ = build_model(config)
+    embedding = model.vision.tower.embeddings.position_embedding.weight
+    assert torch.allclose(embedding, 4.0 * sincos_position_embeddings(12, embedding.shape[1]))
+
+    model = apply_freeze_policy(model, FreezeConfig(vision_position_embedding="frozen"), LoraConfig())
+    assert not embedding.requires_grad
+    assert model.vision.tower.embeddings.patch_embedding.weight.requires_grad  # the rest of the tower trains
+
+    base = ["model.vision=v", "model.llm=l", "data.datasets=[{path: d}]"]
+    with pytest.raises(ConfigError, match="vision_position_init: sincos"):
+        load_config(None, base + ["model.vision_position_scale=4"])
+    with pytest.raises(ConfigError, match="must be > 0"):
+        load_config(None, base + ["model.vision_position_init=sincos", "model.vision_position_scale=0"])
+    assert isinstance(load_config(None, base + ["model.vision_position_init=sincos", "model.vision_position_scale=4"]), TrainConfig)

@@ -36,6 +36,10 @@ class ModelConfig:
     """With `random_init`: start the tower's (learned) position embeddings at random values, or at a
     fixed 2D sine-cosine code of the patch grid, the structure a pretrained SigLIP's have. DAM's
     regional tokens learn where the region is only through the global tokens' position content."""
+    vision_position_scale: float = 1.0
+    """Amplitude of the sine-cosine code (`vision_position_init: sincos`). From scratch the tower's
+    residual stream grows to several times the code's size by its last layer; a larger code keeps
+    the position readable in the global tokens the cross-attention reads."""
     dam: dict[str, Any] = field(default_factory=dict)
     """DamConfig fields of a new DAM: projector_type, gate_type, prompt_template, focal_alpha, ..."""
 
@@ -74,6 +78,8 @@ class FreezeConfig:
 
     vision_tower: Trainable = "full"
     mask_embedding: Trainable = "full"
+    vision_position_embedding: Trainable = "full"
+    """The tower's position embeddings alone (frozen keeps a sine-cosine start as it is)."""
     adapters: Trainable = "full"
     projector: Trainable = "full"
     llm: Literal["full", "frozen", "lora"] = "full"
@@ -137,6 +143,10 @@ class TrainConfig:
                 "no model given: set model.checkpoint (a DAM folder) or model.vision and model.llm "
                 "(a SigLIP folder and a causal LM folder)"
             )
+        if model.vision_position_scale <= 0:
+            raise ConfigError(f"model.vision_position_scale must be > 0, got {model.vision_position_scale}")
+        if model.vision_position_scale != 1.0 and model.vision_position_init != "sincos":
+            raise ConfigError("model.vision_position_scale scales the sine-cosine code: set model.vision_position_init: sincos")
         if model.checkpoint and model.dam:
             raise ConfigError("model.dam configures a new DAM; a checkpoint brings its own config (remove model.dam)")
         if not self.data.datasets:

@@ -43,13 +43,17 @@ def sincos_position_embeddings(grid_size: int, width: int) -> torch.Tensor:
     return torch.cat([code(rows), code(columns)], dim=1).float()
 
 
-def _init_positions(vision: SiglipVisionModel, how: str) -> None:
+def _position_embedding(vision: SiglipVisionModel) -> nn.Embedding:
+    return getattr(vision, "vision_model", vision).embeddings.position_embedding  # 4.x nests it
+
+
+def _init_positions(vision: SiglipVisionModel, how: str, scale: float) -> None:
     if how == "random":
         return
-    embedding = getattr(vision, "vision_model", vision).embeddings.position_embedding  # 4.x nests it
+    embedding = _position_embedding(vision)
     grid_size = vision.config.image_size // vision.config.patch_size
     with torch.no_grad():
-        embedding.weight.copy_(sincos_position_embeddings(grid_size, embedding.weight.shape[1]))
+        embedding.weight.copy_(scale * sincos_position_embeddings(grid_size, embedding.weight.shape[1]))
 
 
 def build_model(config: ModelConfig) -> tuple[DamForConditionalGeneration, PreTrainedTokenizerBase]:
@@ -65,7 +69,7 @@ def build_model(config: ModelConfig) -> tuple[DamForConditionalGeneration, PreTr
     tokenizer_path = _check_folder(config.tokenizer, "model.tokenizer") if config.tokenizer else llm_path
     if config.random_init:
         vision = SiglipVisionModel(AutoConfig.from_pretrained(vision_path))
-        _init_positions(vision, config.vision_position_init)
+        _init_positions(vision, config.vision_position_init, config.vision_position_scale)
         llm_config = AutoConfig.from_pretrained(llm_path)
         llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=config.dam.get("attn_implementation", "sdpa"))
     else:
@@ -98,6 +102,8 @@ def apply_freeze_policy(
         trainable = getattr(freeze, component) == "full"
         for parameter in parameters:
             parameter.requires_grad_(trainable)
+    if freeze.vision_position_embedding == "frozen":
+        _position_embedding(model.vision.tower).weight.requires_grad_(False)
     if freeze.llm == "lora":
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
