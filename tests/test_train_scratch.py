@@ -77,3 +77,19 @@ def test_sincos_scale_and_a_frozen_position_embedding():
     with pytest.raises(ConfigError, match="must be > 0"):
         load_config(None, base + ["model.vision_position_init=sincos", "model.vision_position_scale=0"])
     assert isinstance(load_config(None, base + ["model.vision_position_init=sincos", "model.vision_position_scale=4"]), TrainConfig)
+
+
+def test_a_from_scratch_model_is_the_same_for_the_same_seed():
+    import torch
+
+    from train.config import ModelConfig
+    from train.model import build_model
+
+    config = ModelConfig(vision=str(COMMITTED / "vision"), llm=str(COMMITTED / "llm"), tokenizer=str(COMMITTED / "tokenizer"),
+                         random_init=True)
+    first = build_model(config, seed=3)[0].state_dict()
+    torch.rand(10)  # RNG state moved on, as the data loading of a run does
+    again = build_model(config, seed=3)[0].state_dict()
+    other = build_model(config, seed=4)[0].state_dict()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)

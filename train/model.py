@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, SiglipVisionModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, SiglipVisionModel, set_seed
 
 from dam.modeling import DamForConditionalGeneration
 from train.config import FreezeConfig, LoraConfig, ModelConfig
@@ -56,8 +56,14 @@ def _init_positions(vision: SiglipVisionModel, how: str, scale: float) -> None:
         embedding.weight.copy_(scale * sincos_position_embeddings(grid_size, embedding.weight.shape[1]))
 
 
-def build_model(config: ModelConfig) -> tuple[DamForConditionalGeneration, PreTrainedTokenizerBase]:
-    """The DAM and tokenizer a run starts from (float32 master weights; mixed precision is the trainer's)."""
+def build_model(config: ModelConfig, seed: int | None = None) -> tuple[DamForConditionalGeneration, PreTrainedTokenizerBase]:
+    """The DAM and tokenizer a run starts from (float32 master weights; mixed precision is the trainer's).
+
+    `seed` seeds every RNG first: the Trainer seeds only when it is built, after the model, so
+    without it the random parts (from scratch: everything) would differ on every run.
+    """
+    if seed is not None:
+        set_seed(seed)
     if config.checkpoint:
         path = _check_folder(config.checkpoint, "model.checkpoint")
         model = DamForConditionalGeneration.from_pretrained(path, dtype=torch.float32)

@@ -197,7 +197,7 @@ def run_training(config: TrainConfig, resume: bool | str = False) -> Path:
     """Train as configured; returns the folder of the final model."""
     checkpoint = resume_checkpoint(config.training.output_dir, resume)
     args = training_arguments(config)
-    model, tokenizer = build_model(config.model)
+    model, tokenizer = build_model(config.model, seed=config.training.seed)
     model = apply_freeze_policy(model, config.freeze, config.lora)
     processor = DamProcessor(tokenizer, model.config)
     dataset = MixedRegionDataset(config.data, processor, model.config.num_video_frames, seed=config.training.seed)
