@@ -1,5 +1,7 @@
 """DAM model: identity at initialisation, gradients, save/load, from_parts, projector order."""
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM, SiglipVisionModel
@@ -100,6 +102,9 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, projector_type):
     with torch.no_grad():
         after = loaded(**batch).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not transformers' private 0600
 
 
 @pytest.mark.parametrize("llm_kind", ["llama", "qwen2"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -238,8 +239,17 @@ class DamForConditionalGeneration(DamPreTrainedModel, GenerationMixin):
         return model
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
-        """transformers' save, plus the tokenizer when the model carries one (from_parts)."""
+        """transformers' save, plus the tokenizer when the model carries one (from_parts).
+
+        transformers writes the weights through a private temporary file (mode 0600); they get the
+        mode the user's umask gives new files, so a model saved on a shared cluster is readable as
+        its config is.
+        """
         super().save_pretrained(save_directory, **kwargs)
         tokenizer = getattr(self, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in Path(save_directory).glob("*.safetensors"):
+            path.chmod(0o666 & ~umask)
