@@ -11,10 +11,6 @@ from dam.shapes import ATTRIBUTES, SIZES
 
 MAX_PACKAGE_BYTES = 20 * 1024 * 1024
 REQUIRED = dict.fromkeys(ATTRIBUTES, 0.90)
-# The shipped model (1000 CPU steps) places only about half of the objects right: position of
-# small and medium objects is the open part of issue 4. This floor guards what it does reach
-# (49-50% measured on 100 and 500 fresh regions); raise it to the 0.90 bar with a better model.
-REQUIRED["position"] = 0.40
 
 
 def test_builtin_model_is_small_enough_to_ship():
