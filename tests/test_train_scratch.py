@@ -70,6 +70,8 @@ def test_sincos_scale_and_a_frozen_position_embedding():
     model = apply_freeze_policy(model, FreezeConfig(vision_position_embedding="frozen"), LoraConfig())
     assert not embedding.requires_grad
     assert model.vision.tower.embeddings.patch_embedding.weight.requires_grad  # the rest of the tower trains
+    assert FreezeConfig(vision_tower="frozen").setting("vision_position_embedding") == "frozen"  # unset: as the tower
+    assert FreezeConfig(vision_tower="frozen", vision_position_embedding="full").setting("vision_position_embedding") == "full"
 
     base = ["model.vision=v", "model.llm=l", "data.datasets=[{path: d}]"]
     with pytest.raises(ConfigError, match="vision_position_init: sincos"):

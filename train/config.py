@@ -78,11 +78,17 @@ class FreezeConfig:
 
     vision_tower: Trainable = "full"
     mask_embedding: Trainable = "full"
-    vision_position_embedding: Trainable = "full"
-    """The tower's position embeddings alone (frozen keeps a sine-cosine start as it is)."""
+    vision_position_embedding: Trainable | None = None
+    """The tower's position embeddings alone (frozen keeps a sine-cosine start as it is); unset,
+    they follow `vision_tower`."""
     adapters: Trainable = "full"
     projector: Trainable = "full"
     llm: Literal["full", "frozen", "lora"] = "full"
+
+    def setting(self, component: str) -> str:
+        """The setting of one component (a field name)."""
+        value = getattr(self, component)
+        return self.vision_tower if value is None else value
 
 
 @dataclass

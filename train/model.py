@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, SiglipVisionModel, set_seed
 
 from dam.modeling import DamForConditionalGeneration
+from dam.modeling.vision import siglip_core
 from train.config import FreezeConfig, LoraConfig, ModelConfig
 from dam.configio import ConfigError
 
@@ -44,7 +45,7 @@ def sincos_position_embeddings(grid_size: int, width: int) -> torch.Tensor:
 
 
 def _position_embedding(vision: SiglipVisionModel) -> nn.Embedding:
-    return getattr(vision, "vision_model", vision).embeddings.position_embedding  # 4.x nests it
+    return siglip_core(vision).embeddings.position_embedding
 
 
 def _init_positions(vision: SiglipVisionModel, how: str, scale: float) -> None:
@@ -91,8 +92,10 @@ def build_model(config: ModelConfig, seed: int | None = None) -> tuple[DamForCon
 
 def _components(model: DamForConditionalGeneration) -> dict[str, list[nn.Parameter]]:
     vision = model.vision
+    positions = _position_embedding(vision.tower).weight
     return {
-        "vision_tower": list(vision.tower.parameters()),
+        "vision_tower": [p for p in vision.tower.parameters() if p is not positions],
+        "vision_position_embedding": [positions],
         "mask_embedding": list(vision.mask_patch_embedding.parameters()),
         "adapters": list(vision.adapters.parameters()),
         "projector": list(model.projector.parameters()),
@@ -105,11 +108,9 @@ def apply_freeze_policy(
 ) -> DamForConditionalGeneration:
     """Set requires_grad per component; with freeze.llm == "lora" wrap the LLM with peft LoRA."""
     for component, parameters in _components(model).items():
-        trainable = getattr(freeze, component) == "full"
+        trainable = freeze.setting(component) == "full"
         for parameter in parameters:
             parameter.requires_grad_(trainable)
-    if freeze.vision_position_embedding == "frozen":
-        _position_embedding(model.vision.tower).weight.requires_grad_(False)
     if freeze.llm == "lora":
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 

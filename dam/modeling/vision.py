@@ -85,6 +85,12 @@ class GatedCrossAttentionAdapter(nn.Module):
         return hidden_states + mlp_gate * self.mlp(self.layer_norm2(hidden_states))
 
 
+def siglip_core(tower: SiglipVisionModel) -> nn.Module:
+    """The module holding a SigLIP tower's embeddings and encoder: transformers 4.x nests them
+    under `.vision_model`, 5.x has them on the model."""
+    return getattr(tower, "vision_model", tower)
+
+
 def _run_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     output = layer(hidden_states, None)
     # transformers 4.x encoder layers return a tuple, 5.x a tensor.
@@ -130,8 +136,7 @@ class LocalizedVisionBackbone(nn.Module):
 
     @property
     def _siglip(self) -> nn.Module:
-        # transformers 4.x nests embeddings/encoder under `.vision_model`; 5.x has them on the model.
-        return getattr(self.tower, "vision_model", self.tower)
+        return siglip_core(self.tower)
 
     def embed(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) image and (N, 1, S, S) mask in [-1, 1] -> (N, T, C) token embeddings."""
