@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -241,15 +240,14 @@ class DamForConditionalGeneration(DamPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
         """transformers' save, plus the tokenizer when the model carries one (from_parts).
 
-        transformers writes the weights through a private temporary file (mode 0600); they get the
-        mode the user's umask gives new files, so a model saved on a shared cluster is readable as
-        its config is.
+        transformers writes the weights through a private temporary file (mode 0600); they get
+        the mode of the config file written beside them, so a model saved on a shared cluster is
+        readable as its config is.
         """
         super().save_pretrained(save_directory, **kwargs)
         tokenizer = getattr(self, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
-        umask = os.umask(0)
-        os.umask(umask)
+        mode = (Path(save_directory) / "config.json").stat().st_mode & 0o777
         for path in Path(save_directory).glob("*.safetensors"):
-            path.chmod(0o666 & ~umask)
+            path.chmod(mode)
