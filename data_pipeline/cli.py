@@ -60,24 +60,21 @@ def _add_synthetic(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
-    if args.format == "visual-genome":
-        from data_pipeline.shapes_layouts import write_shapes_visual_genome
+    progress = not args.no_progress
+    if args.format == "dam":
+        from data_pipeline.synthetic import write_synthetic_dataset
 
-        regions = write_shapes_visual_genome(args.out, args.num_images, seed=args.seed, progress=not args.no_progress)
-        print(f"{regions} regions from {args.num_images} images in {args.out} (Visual Genome layout)")
-        return 0
-    if args.format == "coco":
-        from data_pipeline.shapes_layouts import write_shapes_coco
+        count = write_synthetic_dataset(args.out, args.num_images, seed=args.seed, shard_size=args.shard_size, progress=progress)
+        what, layout = "rows", ""
+    else:
+        from data_pipeline.shapes_layouts import write_shapes_coco, write_shapes_visual_genome
 
-        objects = write_shapes_coco(args.out, args.num_images, seed=args.seed, progress=not args.no_progress)
-        print(f"{objects} objects from {args.num_images} images in {args.out} (COCO instances layout)")
-        return 0
-    from data_pipeline.synthetic import write_synthetic_dataset
-
-    rows = write_synthetic_dataset(
-        args.out, args.num_images, seed=args.seed, shard_size=args.shard_size, progress=not args.no_progress
-    )
-    print(f"{rows} rows from {args.num_images} images in {args.out}")
+        writer, what, layout = {
+            "visual-genome": (write_shapes_visual_genome, "regions", " (Visual Genome layout)"),
+            "coco": (write_shapes_coco, "objects", " (COCO instances layout)"),
+        }[args.format]
+        count = writer(args.out, args.num_images, seed=args.seed, progress=progress)
+    print(f"{count} {what} from {args.num_images} images in {args.out}{layout}")
     return 0
 
 

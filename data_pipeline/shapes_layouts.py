@@ -3,17 +3,18 @@
     dam-data synthetic --format visual-genome --num-images 500 --out data/shapes_vg
     dam-data synthetic --format coco --num-images 50 --out data/shapes_coco
 
-COCO: ``images/{image_id}.png`` + ``instances.json`` (one annotation per object: its exact mask
-as compressed RLE, bbox, area; categories circle, square, triangle), a source for `dam-data
-stage1` with known answers. Visual Genome:
+Both write ``images/{image_id}.png`` (image ids start at 1: scene ``i`` of :func:`dam.shapes.scene`
+is image ``i + 1``, so the same seed gives the same pictures as the parquet dataset; a rerun
+keeps the images already written) and their JSON files atomically at the end, so a folder with
+them is complete.
 
-writes ``images/{image_id}.png``, ``region_descriptions.json`` (VG's format: a list of
-{"id", "regions": [{"region_id", "image_id", "phrase", "x", "y", "width", "height"}]}) and
-``image_data.json`` ([{"image_id", "width", "height"}]). Every object of a scene is one region
-with its exact box and its ShapesDLC caption, so captions identify objects unambiguously: a
-dense captioner trained on it can be scored, and retrieval has a known right answer. Scenes are
-those of :func:`dam.shapes.scene` (image ids start at 1, scene ``i`` is image ``i + 1``), so the
-same seed gives the same pictures as the parquet dataset.
+- Visual Genome: ``region_descriptions.json`` (a list of {"id", "regions": [{"region_id",
+  "image_id", "phrase", "x", "y", "width", "height"}]}) and ``image_data.json`` ([{"image_id",
+  "width", "height"}]). Every object is one region with its exact box and its ShapesDLC caption,
+  so captions identify objects unambiguously: a dense captioner trained on it can be scored,
+  and retrieval has a known right answer.
+- COCO: ``instances.json``, one annotation per object (its exact mask as compressed RLE, bbox,
+  area; categories circle, square, triangle): a source for `dam-data stage1` with known answers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dam.jsonio import write_json_atomic
 from dam.masks import mask_to_rle
 from dam.shapes import IMAGE_SIZE, VOCABULARY, Scene, scene
 
-from data_pipeline.synthetic import _save_png_atomic
+from data_pipeline.synthetic import save_png_atomic
 
 
 def scene_regions(rendered: Scene, image_id: int) -> tuple[dict, list[dict]]:
@@ -57,17 +58,14 @@ def _scenes(out: Path, num_images: int, seed: int, progress: bool) -> Iterator[t
         rendered = scene(seed, index)
         path = out / "images" / f"{index + 1}.png"
         if not path.exists():
-            _save_png_atomic(path, rendered.image)
+            save_png_atomic(path, rendered.image)
         yield index + 1, rendered
 
 
 def write_shapes_visual_genome(
     out_dir: str | os.PathLike, num_images: int, seed: int = 0, progress: bool = True
 ) -> int:
-    """Render ``num_images`` scenes into ``out_dir`` in VG's layout; returns the number of regions.
-
-    The two JSON files are written atomically at the end, so a folder with them is complete.
-    """
+    """Render ``num_images`` scenes into ``out_dir`` in VG's layout; returns the number of regions."""
     out = Path(out_dir)
     images, descriptions = [], []
     for image_id, rendered in _scenes(out, num_images, seed, progress):

@@ -84,7 +84,8 @@ def _claim_folder(out_dir: Path, manifest: dict) -> None:
     write_json_atomic(path, manifest)
 
 
-def _save_png_atomic(path: Path, pixels: np.ndarray) -> None:
+def save_png_atomic(path: Path, pixels: np.ndarray) -> None:
+    """Write ``pixels`` as a PNG at ``path`` through a temporary file, so a killed run leaves no half image."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
@@ -101,7 +102,7 @@ def _shard_rows(out_dir: Path, seed: int, images: range, shard_size: int, bar: t
         rendered = scene(seed, index)
         relpath = image_relpath(index, shard_size)
         if not (out_dir / relpath).is_file():  # an existing image is complete (atomic writes) and identical
-            _save_png_atomic(out_dir / relpath, rendered.image)
+            save_png_atomic(out_dir / relpath, rendered.image)
         for k, (obj, mask) in enumerate(zip(rendered.objects, rendered.masks)):
             yield image_row(
                 id=f"{SOURCE}-{seed}-{index:07d}-{k}", image=relpath, mask=mask,
