@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": "bench.shapes",
         "speed-train": "bench.speed_train",
         "speed-fcln": "bench.speed_fcln",
+        "speed-densecap": "bench.speed_densecap",
         "speed-data": "bench.speed_data",
         "keywords": "bench.keywords",
         "caption-metrics": "bench.caption_metrics",

@@ -39,6 +39,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dam import DescribeAnything
 from dam.generation import DECODE_STEP_KINDS
+from dam.jsonio import write_json_atomic
 from dam.modeling import DamConfig, DamForConditionalGeneration
 from dam.modeling.sizes import dam_3b_config, tiny_config
 from dam.prompts import DEFAULT_QUERY
@@ -181,7 +182,7 @@ class StepClock(StoppingCriteria):
 # ---- the benchmark -----------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["tiny", "dam-3b"], default="tiny")
     parser.add_argument("--regions", "--num-regions", dest="regions", type=int, default=64)
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--decode-step", choices=DECODE_STEP_KINDS, default="auto", help="the fast path's decode step")
     parser.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
                         help="HBM bytes/s for the roofline (default: H100 SXM, 3.35e12)")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     say = print  # the report is this script's output (stdout); library messages go to logging
@@ -285,7 +287,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     say(f"identical greedy texts: (1) vs (2) {agree_batched}/{len(sequential)}, (2) vs (3) {agree_fast}/{len(regions)}")
     say(f"speed-up (3)/(1): {rates['fast'] / rates['sequential']:.1f}x   "
         f"(3)/(2): {rates['fast'] / rates['batched']:.1f}x   (2)/(1): {rates['batched'] / rates['sequential']:.1f}x")
-    return {
+    result = {
+        "device": device_name,
+        "regions": len(regions),
+        "sequential_regions": len(sequential_regions),
+        "new_tokens": tokens,
+        "batch_size": args.batch_size,
+        "decode_step": fast._fast.step_kind,
         "sequential_rate": rates["sequential"],
         "batched_rate": rates["batched"],
         "fast_rate": rates["fast"],
@@ -297,7 +305,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "fast_roofline_ms_per_step": roofline.ms_per_step(stats.mean_kv_tokens_per_step),
         "vision_seconds": vision_s,
         "vision_tflops": vision_tflops,
+        "vision_share_fast": vision_s / fast_s,
+        "batched_roofline_ms_per_step": roofline.ms_per_step(len(regions) / batches * plain_context),
+        "sequential_roofline_ms_per_step": roofline.ms_per_step(plain_context),
+        "mean_live_batch": stats.mean_live_batch,
     }
+    if args.json:
+        write_json_atomic(args.json, result)
+    return result
 
 
 if __name__ == "__main__":
