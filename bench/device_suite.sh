@@ -16,8 +16,6 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-out/device}
 SMOKE=${SUITE_SMOKE:-0}
 DEADLINE=${SUITE_DEADLINE:-570}
-# Roofline bandwidth: the H200's HBM3e (4.8 TB/s) unless told; an H100 SXM is 3.35e12.
-BANDWIDTH=${SUITE_BANDWIDTH:-4.8e12}
 DEFAULT_PARTS=(cuda-tests describe fcln data densecap retrieval)
 declare -A LIMIT=([cuda-tests]=120 [describe]=330 [fcln]=90 [data]=150 [densecap]=240 [retrieval]=120 [train]=300)
 
@@ -29,7 +27,7 @@ part_cuda-tests() {
 
 part_describe() {  # issues 9 and 10: the DAM-3B shape (converted NVlabs architecture), three modes
     if [ "$SMOKE" = 1 ]; then set -- --shape tiny --regions 8 --new-tokens 4 --batch-size 4
-    else set -- --shape dam-3b --regions 256 --new-tokens 128 --batch-size 64 --bandwidth "$BANDWIDTH"; fi
+    else set -- --shape dam-3b --regions 256 --new-tokens 128 --batch-size 64; fi
     "$PYTHON" -m bench.speed_describe "$@" --device "$DEVICE" --json "$OUT/describe.json"
 }
 
@@ -99,7 +97,7 @@ for part in "${parts[@]}"; do
     echo "=== $part (limit ${limit}s, at $((SECONDS - start))s)" | tee -a "$OUT/suite.log"
     part_start=$SECONDS
     # The part runs in a subshell so `timeout` can stop it and everything it started.
-    timeout --kill-after=10 "$limit" bash -c "$(declare -f "part_$part"); $(declare -p OUT PYTHON SMOKE DEVICE BANDWIDTH); part_$part" \
+    timeout --kill-after=10 "$limit" bash -c "$(declare -f "part_$part"); $(declare -p OUT PYTHON SMOKE DEVICE); part_$part" \
         2>&1 | tee -a "$OUT/suite.log"
     status=$?
     echo "=== $part: exit $status after $((SECONDS - part_start))s" | tee -a "$OUT/suite.log"

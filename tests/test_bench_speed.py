@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import main as bench_main
-from bench.speed_describe import Roofline, decode_weight_bytes, kv_bytes_per_token, main, vision_flops_per_region
+from bench.speed_describe import Roofline, decode_weight_bytes, device_bandwidth, kv_bytes_per_token, main, vision_flops_per_region
 from tests.factories import tiny_dam
 
 
@@ -18,7 +18,18 @@ def test_speed_describe_tiny_runs_and_paths_agree(capsys):
     assert result["fast_ms_per_step"] > 0 and result["fast_roofline_ms_per_step"] > 0
     assert result["vision_seconds"] > 0 and result["vision_tflops"] > 0
     out = capsys.readouterr().out
-    assert "speed-up (3)/(1)" in out and "(3)/(2)" in out and "3.35 TB/s" in out
+    assert "speed-up (3)/(1)" in out and "(3)/(2)" in out and "goals: (3)/(1)" in out
+    assert "3.00 TB/s" in out and result["bandwidth"] == 3e12  # a CPU has no known HBM: the 3 TB/s
+    # The step clocks saw every decode step: each region's tokens after the first (none in the prefill).
+    assert result["sequential_steps"] == 6 * (5 - 1)
+    assert result["batched_steps"] == 2 * (5 - 1)  # two generate calls of 4 and 2 rows
+
+
+def test_device_bandwidth_by_name():
+    assert device_bandwidth("NVIDIA H200") == 4.8e12
+    assert device_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert device_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert device_bandwidth("cpu") == 3e12
 
 
 @pytest.mark.parametrize("vision_mode", ["focal", "full_only", "full_and_crop"])

@@ -345,3 +345,13 @@ def test_generation_mode_defaults_and_validation(describers):
     auto.generation = "quick"
     with pytest.raises(DamInputError, match="generation must be one of"):
         auto.describe(image, mask, max_new_tokens=4)
+
+
+def test_compile_step_raises_dynamos_limit_under_either_name(lm, monkeypatch):
+    # torch < 2.7 names the recompilation limit cache_size_limit; the constructor must not fail there.
+    import types
+
+    old_torch_config = types.SimpleNamespace(cache_size_limit=8)
+    monkeypatch.setattr(torch._dynamo, "config", old_torch_config)
+    FastGenerator(lm, max_slots=2, decode_step="compile")
+    assert old_torch_config.cache_size_limit == 256

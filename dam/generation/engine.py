@@ -290,7 +290,10 @@ class FastGenerator:
         if self.step_kind == "compile":
             # Step shapes change with the (rows, width) bucket; past dynamo's default limit of 8
             # recompilations it would silently run the step uncompiled.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            # torch < 2.7 calls the same limit cache_size_limit.
+            dynamo = torch._dynamo.config
+            name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo, name, max(getattr(dynamo, name), 256))
 
     def release(self) -> None:
         """Free the KV buffers and captured graphs (the next call allocates again)."""
