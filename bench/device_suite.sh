@@ -9,15 +9,17 @@
 #   SUITE_SMOKE=1 PYTHON=.venv/bin/python bash bench/device_suite.sh   # tiny shapes on the CPU (a test runs this)
 #
 # Parts (seconds allowed): cuda-tests (120) describe (330) fcln (90) data (150) densecap (240)
-# retrieval (120) train (300, not in the default list: issue 3's MFU; needs the deepspeed wheel).
+# retrieval (120) describe-static (300) train (300, not in the default list: issue 3's MFU; needs
+# the deepspeed wheel). A command brings back at most 8 files: the log and seven parts' JSON.
 set -u -o pipefail
 
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-out/device}
 SMOKE=${SUITE_SMOKE:-0}
 DEADLINE=${SUITE_DEADLINE:-570}
-DEFAULT_PARTS=(cuda-tests describe fcln data densecap retrieval)
-declare -A LIMIT=([cuda-tests]=120 [describe]=330 [fcln]=90 [data]=150 [densecap]=240 [retrieval]=120 [train]=300)
+DEFAULT_PARTS=(cuda-tests describe fcln data densecap retrieval describe-static)
+declare -A LIMIT=([cuda-tests]=120 [describe]=330 [fcln]=90 [data]=150 [densecap]=240 [retrieval]=120
+                  [describe-static]=300 [train]=300)
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -29,6 +31,12 @@ part_describe() {  # issues 9 and 10: the DAM-3B shape (converted NVlabs archite
     if [ "$SMOKE" = 1 ]; then set -- --shape tiny --regions 8 --new-tokens 4 --batch-size 4
     else set -- --shape dam-3b --regions 256 --new-tokens 128 --batch-size 64; fi
     "$PYTHON" -m bench.speed_describe "$@" --device "$DEVICE" --json "$OUT/describe.json"
+}
+
+part_describe-static() {  # issue 10: is the own decode loop faster than transformers' static cache + compile?
+    if [ "$SMOKE" = 1 ]; then set -- --shape tiny --regions 4 --new-tokens 4 --batch-size 4
+    else set -- --shape dam-3b --regions 128 --new-tokens 128 --batch-size 64; fi
+    "$PYTHON" -m bench.speed_describe "$@" --modes batched,static,fast --device "$DEVICE" --json "$OUT/describe-static.json"
 }
 
 part_fcln() {  # issue 6: <= 10 ms per 720x600 image, 300 proposals

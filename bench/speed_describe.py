@@ -2,6 +2,8 @@
 
 1. one region per call through transformers `generate` (what the reference DAM does);
 2. `describe_batch(generation="plain")`: left-padded batches of `--batch-size`, one `generate` each;
+2b. (`--modes ...,static,...`) the same with transformers' static KV cache, whose decode step
+   transformers compiles on CUDA: the library's own answer to what the fast path does;
 3. `describe_batch(generation="fast")`: dam.generation's continuous batching over a slot KV
    cache with CUDA-graph-captured decode steps (`--decode-step`), `--batch-size` slots.
 
@@ -193,6 +195,82 @@ class StepClock(StoppingCriteria):
 # ---- the benchmark -----------------------------------------------------------------------
 
 
+MODES = ("sequential", "batched", "static", "fast")
+DEFAULT_MODES = ("sequential", "batched", "fast")
+LABELS = {"sequential": "(1) one region per call", "batched": "(2) batched generate",
+          "static": "(2b) batched generate, static cache", "fast": "(3) fast"}
+
+
+@dataclass
+class ModeResult:
+    texts: list[str]
+    regions: int
+    seconds: float
+    ms_per_step: float
+    steps: int
+    live_batch: float  # rows per decode step
+    kv_tokens_per_step: float  # KV-cache tokens a decode step reads
+    detail: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.regions / self.seconds
+
+
+def run_mode(mode: str, plain: DescribeAnything, fast: DescribeAnything, regions: list, sequential_count: int,
+             batch_size: int, generation: dict[str, Any], prompt_length: int, device: str) -> ModeResult:
+    """Time one mode. Plain modes keep every row live for every step, so a step reads the prompt
+    and the tokens so far: P + T/2 tokens per row on average."""
+    tokens = generation["max_new_tokens"]
+    if mode == "fast":
+        texts, seconds = timed(lambda: fast.describe_batch(regions, batch_size=batch_size, **generation), device)
+        assert fast._fast is not None, "the fast path did not run"
+        stats = fast._fast.stats
+        detail = (f"; {stats.decode_steps} steps, {stats.prefill_calls} prefills ({stats.prefill_seconds:.2f} s), "
+                  f"{stats.refills} refills, {stats.compactions} compactions, {len(stats.step_shapes)} step shapes")
+        return ModeResult(texts, len(regions), seconds, stats.ms_per_step, stats.decode_steps, stats.mean_live_batch,
+                          stats.mean_kv_tokens_per_step, detail)
+    clock = StepClock(device)
+    criteria = StoppingCriteriaList([clock])
+    if mode == "sequential":
+        items = regions[:sequential_count]
+        texts, seconds = timed(
+            lambda: [plain.describe(image, mask, stopping_criteria=criteria, **generation) for image, mask in items],
+            device,
+        )
+        rows = 1.0
+    else:
+        extra = dict(cache_implementation="static") if mode == "static" else {}
+        items = regions
+        texts, seconds = timed(
+            lambda: plain.describe_batch(items, batch_size=batch_size, stopping_criteria=criteria, **generation, **extra),
+            device,
+        )
+        rows = len(items) / -(-len(items) // batch_size)
+    return ModeResult(texts, len(items), seconds, clock.ms_per_step, clock.steps, rows,
+                      rows * (prompt_length + tokens / 2))
+
+
+def warm_up(modes: list[str], plain: DescribeAnything, fast: DescribeAnything, regions: list, batch_size: int,
+            generation: dict[str, Any]) -> None:
+    """Kernels and allocator; for the fast path every (rows, width) graph it will replay; for the
+    static cache, transformers' compiled decode step at the timed batch shape."""
+    short = dict(generation, max_new_tokens=4, min_new_tokens=4)
+    plain.describe_batch(regions[:2], batch_size=2, **short)
+    if "static" in modes:
+        plain.describe_batch(regions[:batch_size], batch_size=batch_size, cache_implementation="static", **short)
+    if "fast" in modes:
+        fast.describe_batch(regions, batch_size=batch_size, **generation)
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"modes {text!r}: choose from {', '.join(MODES)}")
+    return [mode for mode in MODES if mode in modes]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["tiny", "dam-3b"], default="tiny")
@@ -201,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="regions timed one per call (default: all for tiny, 8 for dam-3b)")
     parser.add_argument("--batch-size", type=int, default=64, help="regions per generate (plain) / decode slots (fast)")
     parser.add_argument("--new-tokens", "--max-new-tokens", dest="new_tokens", type=int, default=128)
+    parser.add_argument("--modes", type=parse_modes, default=list(DEFAULT_MODES),
+                        help=f"comma-separated, from {', '.join(MODES)} (default {','.join(DEFAULT_MODES)}); "
+                             "static: transformers' static KV cache, whose decode step it compiles on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--decode-step", choices=DECODE_STEP_KINDS, default="auto", help="the fast path's decode step")
@@ -220,35 +301,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = describer.model
     regions = synthetic_regions(args.regions)
     sequential_count = args.sequential_regions or (min(8, len(regions)) if args.shape == "dam-3b" else len(regions))
-    sequential_regions = regions[:sequential_count]
     tokens = args.new_tokens
     generation = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     prompt_length = len(describer.processor.prompt_ids(None, 1))
 
-    # Warm-up: kernels, allocator; for the fast path every (rows, width) graph it will replay.
-    plain.describe_batch(regions[:2], batch_size=2, **dict(generation, max_new_tokens=4, min_new_tokens=4))
-    fast.describe_batch(regions, batch_size=args.batch_size, **generation)
-
-    sequential_clock = StepClock(args.device)
-    sequential, sequential_s = timed(
-        lambda: [
-            plain.describe(image, mask, stopping_criteria=StoppingCriteriaList([sequential_clock]), **generation)
-            for image, mask in sequential_regions
-        ],
-        args.device,
-    )
-    batched_clock = StepClock(args.device)
-    batched, batched_s = timed(
-        lambda: plain.describe_batch(
-            regions, batch_size=args.batch_size, stopping_criteria=StoppingCriteriaList([batched_clock]), **generation
-        ),
-        args.device,
-    )
-    fast_texts, fast_s = timed(
-        lambda: fast.describe_batch(regions, batch_size=args.batch_size, **generation), args.device
-    )
-    assert fast._fast is not None, "the fast path did not run"
-    stats = fast._fast.stats
+    warm_up(args.modes, plain, fast, regions, args.batch_size, generation)
+    results = {mode: run_mode(mode, plain, fast, regions, sequential_count, args.batch_size, generation,
+                              prompt_length, args.device) for mode in args.modes}
 
     # The vision backbone alone (both passes), over the same regions in the same batches.
     pixel_batches = [
@@ -257,10 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     with torch.no_grad():
         model.vision(pixel_batches[0]["pixel_values"])  # warm-up
-        _, vision_s = timed(
-            lambda: [model.vision(batch["pixel_values"]) for batch in pixel_batches],
-            args.device,
-        )
+        _, vision_s = timed(lambda: [model.vision(batch["pixel_values"]) for batch in pixel_batches], args.device)
     vision_tflops = vision_flops_per_region(model.config) * len(regions) / vision_s / 1e12
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -268,80 +324,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     roofline = Roofline(decode_weight_bytes(model.language_model), kv_bytes_per_token(model.language_model, dtype),
                         bandwidth)
     goal_roofline = Roofline(roofline.weight_bytes, roofline.kv_bytes_per_token, GOAL_BANDWIDTH)
-    # Plain modes: every row live for all steps, a step reads prompt + tokens so far (mean P + T/2).
-    plain_context = prompt_length + tokens / 2
-    batches = -(-len(regions) // args.batch_size)
-    rates = {
-        "sequential": len(sequential_regions) / sequential_s,
-        "batched": len(regions) / batched_s,
-        "fast": len(regions) / fast_s,
-    }
+    decode_step = fast._fast.step_kind if fast._fast is not None else "-"
     say(f"device={device_name} shape={args.shape} dtype={dtype_name} regions={len(regions)} "
-        f"prompt={prompt_length} tokens new_tokens={tokens} batch_size={args.batch_size} "
-        f"decode_step={fast._fast.step_kind}")
+        f"prompt={prompt_length} tokens new_tokens={tokens} batch_size={args.batch_size} decode_step={decode_step}")
     say(f"roofline assumes {bandwidth / 1e12:.2f} TB/s HBM (--bandwidth); a step reads the LLM weights "
         f"({roofline.weight_bytes / 1e9:.3g} GB) and the live rows' KV cache "
         f"({roofline.kv_bytes_per_token / 1e3:.3g} kB per token)")
-    extrapolated = f" (rate of {len(sequential_regions)} of the {len(regions)})" if len(sequential_regions) < len(regions) else ""
-    say(f"(1) one region per call{extrapolated}:  {len(sequential_regions)} regions in {sequential_s:.2f} s = "
-        f"{rates['sequential']:.2f} regions/s, {sequential_clock.ms_per_step:.2f} ms/decode step (batch 1), "
-        f"roofline {roofline.ms_per_step(plain_context):.3g} ms/step")
-    say(f"(2) batched generate:     {len(regions)} regions in {batched_s:.2f} s = {rates['batched']:.2f} regions/s, "
-        f"{batched_clock.ms_per_step:.2f} ms/decode step (batch {len(regions) / batches:.1f}), "
-        f"roofline {roofline.ms_per_step(len(regions) / batches * plain_context):.3g} ms/step")
-    say(f"(3) fast:                 {len(regions)} regions in {fast_s:.2f} s = {rates['fast']:.2f} regions/s, "
-        f"{stats.ms_per_step:.2f} ms/decode step (mean live batch {stats.mean_live_batch:.1f}), "
-        f"roofline {roofline.ms_per_step(stats.mean_kv_tokens_per_step):.3g} ms/step; "
-        f"{stats.decode_steps} steps, {stats.prefill_calls} prefills ({stats.prefill_seconds:.2f} s), "
-        f"{stats.refills} refills, {stats.compactions} compactions, {len(stats.step_shapes)} step shapes")
+    report: dict[str, Any] = {"device": device_name, "shape": args.shape, "dtype": dtype_name, "regions": len(regions),
+                              "new_tokens": tokens, "batch_size": args.batch_size, "prompt_tokens": prompt_length,
+                              "decode_step": decode_step, "bandwidth": bandwidth}
+    for mode, result in results.items():
+        partial = f" (rate of {result.regions} of the {len(regions)})" if result.regions < len(regions) else ""
+        say(f"{LABELS[mode]}{partial}: {result.regions} regions in {result.seconds:.2f} s = {result.rate:.2f} regions/s, "
+            f"{result.ms_per_step:.2f} ms/decode step (mean batch {result.live_batch:.1f}), "
+            f"roofline {roofline.ms_per_step(result.kv_tokens_per_step):.3g} ms/step{result.detail}")
+        report[mode] = {"regions": result.regions, "seconds": result.seconds, "rate": result.rate,
+                        "ms_per_step": result.ms_per_step, "steps": result.steps, "mean_batch": result.live_batch,
+                        "roofline_ms_per_step": roofline.ms_per_step(result.kv_tokens_per_step),
+                        "goal_roofline_ms_per_step": goal_roofline.ms_per_step(result.kv_tokens_per_step)}
+    shares = ", ".join(f"of {LABELS[mode].split()[0]} {vision_s * results[mode].regions / len(regions) / results[mode].seconds:.0%}"
+                       for mode in results if mode != "sequential")
     say(f"vision backbone alone: {vision_s:.2f} s for {len(regions)} regions, "
-        f"{vision_flops_per_region(model.config) / 1e9:.3g} GFLOP/region, {vision_tflops:.3g} TFLOP/s; "
-        f"share of (2) {vision_s / batched_s:.0%}, of (3) {vision_s / fast_s:.0%}")
-    agree_batched = sum(a == b for a, b in zip(sequential, batched))
-    agree_fast = sum(a == b for a, b in zip(batched, fast_texts))
-    say(f"identical greedy texts: (1) vs (2) {agree_batched}/{len(sequential)}, (2) vs (3) {agree_fast}/{len(regions)}")
-    say(f"speed-up (3)/(1): {rates['fast'] / rates['sequential']:.1f}x   "
-        f"(3)/(2): {rates['fast'] / rates['batched']:.1f}x   (2)/(1): {rates['batched'] / rates['sequential']:.1f}x")
-    speedup = rates["fast"] / rates["sequential"]
-    step_over_roofline = stats.ms_per_step / goal_roofline.ms_per_step(stats.mean_kv_tokens_per_step)
-    say(f"goals: (3)/(1) {speedup:.1f}x (goal >= {GOAL_FAST_OVER_SEQUENTIAL:.0f}x: "
-        f"{'met' if speedup >= GOAL_FAST_OVER_SEQUENTIAL else 'not met'}); fast decode step / roofline at 3 TB/s "
-        f"{step_over_roofline:.2f} at mean live batch {stats.mean_live_batch:.1f} (goal <= {GOAL_STEP_OVER_ROOFLINE:.0f} "
-        f"at batch 64: {'met' if step_over_roofline <= GOAL_STEP_OVER_ROOFLINE else 'not met'})")
-    result = {
-        "device": device_name,
-        "regions": len(regions),
-        "sequential_regions": len(sequential_regions),
-        "new_tokens": tokens,
-        "batch_size": args.batch_size,
-        "decode_step": fast._fast.step_kind,
-        "sequential_rate": rates["sequential"],
-        "batched_rate": rates["batched"],
-        "fast_rate": rates["fast"],
-        "agree": agree_batched,
-        "agree_fast": agree_fast,
-        "fast_ms_per_step": stats.ms_per_step,
-        "batched_ms_per_step": batched_clock.ms_per_step,
-        "sequential_ms_per_step": sequential_clock.ms_per_step,
-        "fast_roofline_ms_per_step": roofline.ms_per_step(stats.mean_kv_tokens_per_step),
-        "vision_seconds": vision_s,
-        "vision_tflops": vision_tflops,
-        "vision_share_fast": vision_s / fast_s,
-        "batched_roofline_ms_per_step": roofline.ms_per_step(len(regions) / batches * plain_context),
-        "sequential_roofline_ms_per_step": roofline.ms_per_step(plain_context),
-        "mean_live_batch": stats.mean_live_batch,
-        "vision_share_batched": vision_s / batched_s,
-        "prompt_tokens": prompt_length,
-        "dtype": dtype_name,
-        "bandwidth": bandwidth,
-        "fast_over_sequential": speedup,
-        "fast_step_over_goal_roofline": step_over_roofline,
-        "sequential_steps": sequential_clock.steps,
-        "batched_steps": batched_clock.steps,
-    }
+        f"{vision_flops_per_region(model.config) / 1e9:.3g} GFLOP/region, {vision_tflops:.3g} TFLOP/s; share {shares}")
+    report["vision"] = {"seconds": vision_s, "tflops": vision_tflops}
+
+    # Greedy texts of each mode against the mode before it, on the regions both captioned.
+    pairs = list(zip(list(results)[:-1], list(results)[1:]))
+    agreement = {f"{a}_{b}": sum(x == y for x, y in zip(results[a].texts, results[b].texts)) for a, b in pairs}
+    if pairs:
+        say("identical greedy texts: " + ", ".join(
+            f"{LABELS[a].split()[0]} vs {LABELS[b].split()[0]} {agreement[f'{a}_{b}']}/"
+            f"{min(results[a].regions, results[b].regions)}" for a, b in pairs))
+    report["identical_texts"] = agreement
+    later_over_earlier = [(a, b) for a in results for b in results if MODES.index(a) > MODES.index(b)]
+    ratios = {f"{a}_over_{b}": results[a].rate / results[b].rate for a, b in later_over_earlier}
+    if ratios:
+        say("speed-up: " + "   ".join(f"{LABELS[a].split()[0]}/{LABELS[b].split()[0]}: {ratios[f'{a}_over_{b}']:.1f}x"
+                                       for a, b in later_over_earlier))
+    report["speedups"] = ratios
+    if "fast" in results and "sequential" in results:
+        fast_result = results["fast"]
+        speedup = ratios["fast_over_sequential"]
+        step_over_roofline = fast_result.ms_per_step / goal_roofline.ms_per_step(fast_result.kv_tokens_per_step)
+        say(f"goals: (3)/(1) {speedup:.1f}x (goal >= {GOAL_FAST_OVER_SEQUENTIAL:.0f}x: "
+            f"{'met' if speedup >= GOAL_FAST_OVER_SEQUENTIAL else 'not met'}); fast decode step / roofline at 3 TB/s "
+            f"{step_over_roofline:.2f} at mean batch {fast_result.live_batch:.1f} "
+            f"(goal <= {GOAL_STEP_OVER_ROOFLINE:.0f} at batch 64: "
+            f"{'met' if step_over_roofline <= GOAL_STEP_OVER_ROOFLINE else 'not met'})")
+        report["goals"] = {"fast_over_sequential": speedup, "fast_step_over_goal_roofline": step_over_roofline}
     if args.json:
-        write_json_atomic(args.json, result)
-    return result
+        write_json_atomic(args.json, report)
+    return report
 
 
 if __name__ == "__main__":

@@ -12,17 +12,23 @@ from tests.factories import tiny_dam
 
 def test_speed_describe_tiny_runs_and_paths_agree(capsys):
     result = main(["--shape", "tiny", "--regions", "6", "--batch-size", "4", "--new-tokens", "5",
-                   "--device", "cpu", "--dtype", "float32"])
-    assert result["agree"] == 6 and result["agree_fast"] == 6
-    assert min(result["sequential_rate"], result["batched_rate"], result["fast_rate"]) > 0
-    assert result["fast_ms_per_step"] > 0 and result["fast_roofline_ms_per_step"] > 0
-    assert result["vision_seconds"] > 0 and result["vision_tflops"] > 0
+                   "--device", "cpu", "--dtype", "float32", "--modes", "fast,static,batched,sequential"])
+    assert result["identical_texts"] == {"sequential_batched": 6, "batched_static": 6, "static_fast": 6}
+    for mode in ("sequential", "batched", "static", "fast"):
+        assert result[mode]["rate"] > 0 and result[mode]["ms_per_step"] > 0 and result[mode]["roofline_ms_per_step"] > 0
+    assert result["vision"]["seconds"] > 0 and result["vision"]["tflops"] > 0
     out = capsys.readouterr().out
-    assert "speed-up (3)/(1)" in out and "(3)/(2)" in out and "goals: (3)/(1)" in out
+    assert "(3)/(1)" in out and "(3)/(2)" in out and "(2b)/(2)" in out and "goals: (3)/(1)" in out
     assert "3.00 TB/s" in out and result["bandwidth"] == 3e12  # a CPU has no known HBM: the 3 TB/s
     # The step clocks saw every decode step: each region's tokens after the first (none in the prefill).
-    assert result["sequential_steps"] == 6 * (5 - 1)
-    assert result["batched_steps"] == 2 * (5 - 1)  # two generate calls of 4 and 2 rows
+    assert result["sequential"]["steps"] == 6 * (5 - 1)
+    assert result["batched"]["steps"] == 2 * (5 - 1)  # two generate calls of 4 and 2 rows
+    assert result["speedups"]["fast_over_sequential"] == result["goals"]["fast_over_sequential"]
+
+
+def test_speed_describe_refuses_unknown_modes():
+    with pytest.raises(SystemExit):
+        main(["--modes", "fast,turbo"])
 
 
 def test_device_bandwidth_by_name():

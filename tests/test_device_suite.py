@@ -18,7 +18,7 @@ def run_suite(out: Path, *parts: str) -> subprocess.CompletedProcess:
 
 
 def test_every_part_runs_and_writes_its_report(tmp_path):
-    parts = ["cuda-tests", "describe", "fcln", "data", "densecap", "retrieval", "train"]
+    parts = ["cuda-tests", "describe", "fcln", "data", "densecap", "retrieval", "describe-static", "train"]
     result = run_suite(tmp_path, *parts)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "suite.log").read_text()
@@ -30,7 +30,9 @@ def test_every_part_runs_and_writes_its_report(tmp_path):
     assert densecap["pipelines"]["fcln"]["images"] == 2 and densecap["pipelines"]["sam-dam"]["images"] == 2
     assert densecap["pipelines"]["fcln"]["regions_per_image"] > 0
     describe = json.loads((tmp_path / "describe.json").read_text())
-    assert describe["agree_fast"] == describe["regions"]  # greedy: the fast path's texts equal batched generate's
+    assert describe["identical_texts"]["batched_fast"] == describe["regions"]  # greedy: fast path = batched generate
+    static = json.loads((tmp_path / "describe-static.json").read_text())
+    assert static["identical_texts"] == {"batched_static": static["regions"], "static_fast": static["regions"]}
     # A device call brings back at most 8 files.
     assert len(list(tmp_path.iterdir())) <= 8
 
