@@ -14,9 +14,10 @@ the source image and the caption's ground-truth box; the fraction of captions at
 Scorer (`--model KIND PATH`): `fcln PATH` (the FCLN's LSTM) or `dam PATH` (`dam builtin` for the
 built-in ShapesDLC model). Proposals (`--proposer`): `fcln` (FCLN boxes; needs `--fcln PATH` unless
 the scorer is that FCLN), `sam` (segment-anything masks; `--sam-checkpoint`), or `gt` (the
-ground-truth boxes of each image: an oracle that isolates the captioner's part). A DAM reads box
-proposals as box-shaped masks, or SAM's masks of the boxes when `--sam-checkpoint` is given with
-`--proposer fcln|gt`.
+ground-truth boxes of each image: an oracle that isolates the captioner's part; every region is
+kept, whatever `--max-regions` says, so that each query caption's own box is a candidate). A
+DAM reads box proposals as box-shaped masks, or SAM's masks of the boxes when `--sam-checkpoint`
+is given with `--proposer fcln|gt`.
 
     dam-bench retrieval --gt data/vg/test_region_descriptions.json --images data/vg/images \\
         --model fcln runs/densecap/final                                     # the paper's setting
@@ -183,6 +184,16 @@ def ground_truth_regions(gt: Mapping[Hashable, Sequence[VGRegion]], image_ids: S
     }
 
 
+def resolve_proposer(proposer: Any, gt: Mapping[Hashable, Sequence[VGRegion]], image_ids: Sequence[Hashable],
+                     keys: Mapping[Hashable, str], max_regions: int) -> tuple[Any, int]:
+    """(proposer, regions kept per image): "gt" becomes the ground-truth regions, all of them, since
+    cutting them could drop a query caption's own box and the oracle would be one no more."""
+    if proposer != "gt":
+        return proposer, max_regions
+    regions = ground_truth_regions(gt, image_ids, keys)
+    return FixedProposer(regions, name="gt"), max([1, *(len(r) for r in regions.values())])
+
+
 def evaluate_retrieval(gt: Mapping[Hashable, Sequence[VGRegion]], images_dir: str | Path, proposer: Any, scorer: Any,
                        *, num_images: int = 1000, num_queries: int = 100, captions_per_query: int = 4,
                        max_regions: int = 30, image_batch_size: int = 8, seed: int = 0,
@@ -193,11 +204,11 @@ def evaluate_retrieval(gt: Mapping[Hashable, Sequence[VGRegion]], images_dir: st
     keys = {image_id: str(image_id) for image_id in image_ids}
     for image_id in image_ids:  # fail on a missing file now, not after an hour of scoring
         image_file(images_dir, image_id)
-    if proposer == "gt":
-        proposer = FixedProposer(ground_truth_regions(gt, image_ids, keys), name="gt")
+    proposer, max_regions = resolve_proposer(proposer, gt, image_ids, keys, max_regions)
     captions = list(dict.fromkeys(caption for query_set in query_sets for caption in query_set.captions))
     scores = score_queries(_images(images_dir, image_ids, keys), captions, proposer, scorer, max_regions=max_regions,
-                           image_batch_size=image_batch_size, keep_hits=0, progress=progress)
+                           image_batch_size=image_batch_size, keep_hits=0, progress=progress,
+                           num_images=len(image_ids))
     recall, median_rank, iou_at, median_iou, ranks, ious = retrieval_metrics(scores, query_sets, keys)
     result = RetrievalResult(recall, median_rank, iou_at, median_iou, len(image_ids), len(query_sets),
                              len(ious), scores.num_pairs, scores.seconds, ranks, ious)
@@ -256,8 +267,7 @@ def run_speed(gt: Mapping[Hashable, Sequence[VGRegion]], images_dir: str | Path,
     images_dir = Path(images_dir)
     image_ids, query_sets = sample_protocol(gt, num_images, num_queries, captions_per_query, seed)
     keys = {image_id: str(image_id) for image_id in image_ids}
-    if proposer == "gt":
-        proposer = FixedProposer(ground_truth_regions(gt, image_ids, keys), name="gt")
+    proposer, max_regions = resolve_proposer(proposer, gt, image_ids, keys, max_regions)
     pixels = [load_image(image_file(images_dir, image_id)) for image_id in image_ids]
     regions = [r.head(max_regions) for r in proposer.propose(pixels, max_regions, [keys[i] for i in image_ids])]
     captions = list(dict.fromkeys(caption for query_set in query_sets for caption in query_set.captions))
@@ -285,7 +295,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--num-images", type=_positive_int, default=1000, help="images ranked (default 1000, as the paper)")
     p.add_argument("--num-queries", type=_positive_int, default=100, help="query sets (default 100)")
     p.add_argument("--captions-per-query", type=_positive_int, default=4, help="captions per query set (default 4)")
-    p.add_argument("--max-regions", type=_positive_int, default=30, help="proposals per image (default 30)")
+    p.add_argument("--max-regions", type=_positive_int, default=30,
+                   help="proposals per image (default 30); --proposer gt keeps every ground-truth region")
     p.add_argument("--seed", type=int, default=0, help="seed of the image and query sampling (default 0)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", help="DAM weights: float32, bfloat16 or float16")
@@ -390,7 +401,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             {"image_id": q.image_id, "captions": list(q.captions), "boxes": [list(b) for b in q.boxes]} for q in query_sets
         ]
         details["settings"] = {"model": list(args.model), "proposer": getattr(proposer, "name", proposer),
-                               "max_regions": args.max_regions, "seed": args.seed}
+                               "max_regions": None if proposer == "gt" else args.max_regions, "seed": args.seed}
         write_json_atomic(args.out, details)
     if args.json:
         summary = result.to_json()

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from bench.cli import main as dam_bench
+from bench.densecap import iou_matrix
 from bench.retrieval import (
     QuerySet,
     evaluate_retrieval,
@@ -97,6 +98,37 @@ def test_builtin_dam_ranks_the_source_image_first(shapes_vg, builtin):
     # With the ground-truth boxes as proposals, the best box of a caption is mostly its own box.
     assert result.iou_at["IoU@0.5"] >= 0.8 and result.median_iou == 1.0
     assert scores.num_pairs == sum(len(gt[i]) for i in gt if str(i) in scores.images) * len(scores.queries)
+
+
+class PhraseBoxScorer:
+    """Scores a region by its best IoU with a ground-truth box of the query's phrase: an ideal
+    captioner, so that localisation can only fail when the query's own box is not a proposal."""
+
+    name = "phrase-box"
+
+    def __init__(self, gt):
+        self.boxes: dict[str, list] = {}
+        for regions in gt.values():
+            for region in regions:
+                self.boxes.setdefault(region.phrase.strip(), []).append(region.box)
+
+    def score(self, images, regions, queries):
+        return [
+            np.stack([iou_matrix(r.boxes, self.boxes[q]).max(axis=1) for q in queries], axis=1).reshape(len(r), -1)
+            for r in regions
+        ]
+
+
+def test_gt_proposer_keeps_every_ground_truth_region(shapes_vg):
+    gt = load_region_descriptions(shapes_vg / "region_descriptions.json")
+    assert max(len(regions) for regions in gt.values()) > 1
+    result, _, scores = evaluate_retrieval(
+        gt, shapes_vg / "images", "gt", PhraseBoxScorer(gt), num_images=10, num_queries=6, captions_per_query=3,
+        max_regions=1, progress=False,
+    )
+    counts = {str(image_id): len(regions) for image_id, regions in gt.items()}
+    assert [len(boxes) for boxes in scores.boxes] == [counts[key] for key in scores.images]
+    assert result.iou_at["IoU@0.5"] == 1.0 and result.median_iou == 1.0
 
 
 def test_cli_with_a_tiny_fcln_end_to_end(shapes_vg, tmp_path, capsys):

@@ -7,7 +7,12 @@
   DAM needs a mask per region: the proposer's mask when it has one (SAM); else SAM on the box
   when a `SamPrompter` is given; else the box itself as the mask (`box_to_mask`: the box's
   rectangle, so DAM describes everything inside the box, background corners included). Which
-  of the three was used is reported as `mask_source` ("proposer", "sam" or "box").
+  of the three was used is reported as `mask_source` ("proposer", "sam" or "box"). SAM's masks
+  of the boxes are attached to the regions (`attach_masks`), so that the results hold (as RLE)
+  and draw the masks DAM described.
+
+Every captioner has a `settings` dict (the model's identity and the options that change the
+captions), stored with the results so that a resumed run never mixes captions of two models.
 
 `region_masks` and `fcln_region_codes` are shared with the query scorers (dam.densecap.scoring),
 so a region is scored exactly as it is captioned.
@@ -16,12 +21,14 @@ so a region is scored exactly as it is captioned.
 from __future__ import annotations
 
 import logging
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
+from dam.densecap.fingerprint import as_json_value, model_identity
 from dam.densecap.regions import Regions, box_to_mask, clip_box
 from dam.errors import DamInputError
 
@@ -38,12 +45,22 @@ class Captioner(Protocol):
 
     name: str
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What makes this captioner's captions comparable with another's (JSON values)."""
+        ...
+
     def caption(self, images: Sequence[np.ndarray], regions: Sequence[Regions]) -> list[list[str]]:
         """One caption per region of each image, in the regions' order."""
         ...
 
     def mask_source(self, regions: Regions) -> str | None:
         """Where the masks this captioner reads come from (None when it reads boxes only)."""
+        ...
+
+    def attach_masks(self, image: np.ndarray, regions: Regions) -> Regions:
+        """`regions` with the masks this captioner derives itself (SAM's masks of boxes) attached,
+        so that they are stored and drawn; `regions` as they are when it derives none."""
         ...
 
 
@@ -86,8 +103,15 @@ class FclnCaptioner:
     def __init__(self, model: "FclnModel") -> None:
         self.model = model.eval()
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "model": model_identity(self.model)}
+
     def mask_source(self, regions: Regions) -> str | None:
         return None
+
+    def attach_masks(self, image: np.ndarray, regions: Regions) -> Regions:
+        return regions
 
     @torch.no_grad()
     def caption(self, images: Sequence[np.ndarray], regions: Sequence[Regions]) -> list[list[str]]:
@@ -144,10 +168,25 @@ class DamCaptioner:
         self.query = query
         self.generate_kwargs = generate_kwargs
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        # batch_size only trades memory for speed, so it is not part of the settings.
+        return {
+            "name": self.name, "model": model_identity(self.describer.model), "query": self.query,
+            "generate": as_json_value(self.generate_kwargs),
+            "box_masks": None if self.sam is None else model_identity(self.sam.predictor.model),
+        }
+
     def mask_source(self, regions: Regions) -> str | None:
         if regions.masks is not None:
             return "proposer"
         return "box" if self.sam is None else "sam"
+
+    def attach_masks(self, image: np.ndarray, regions: Regions) -> Regions:
+        # Box masks are not attached: the box already says what they hold.
+        if regions.masks is not None or self.sam is None:
+            return regions
+        return dataclasses.replace(regions, masks=region_masks(image, regions, self.sam)[0])
 
     def caption(self, images: Sequence[np.ndarray], regions: Sequence[Regions]) -> list[list[str]]:
         items = []

@@ -8,7 +8,8 @@
 Writes OUTPUT/<relative path>.json and .drawn.jpg per image and OUTPUT/index.html (the viewer);
 a rerun skips images already done. With --query, scores every region of every image by the
 captioner's log-probability of the query and prints (and writes to OUTPUT/query_results.json)
-the best boxes over the folder. Registered by dam.cli.
+the best boxes over the folder. Images that cannot be read are skipped with a warning; the
+exit status is then 1 (EXIT_SOME_FAILED), after the other images are done. Registered by dam.cli.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from typing import Any
 
 from dam.commandline import int_at_least
 from dam.errors import DamInputError
+
+EXIT_SOME_FAILED = 1
+"""Exit status when some images could not be read (the others were processed)."""
+DEFAULT_TOP_K = 10
 
 
 def add_densecap_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -53,10 +58,13 @@ def add_densecap_parser(subparsers: Any, common: argparse.ArgumentParser) -> Non
         "--query", action="append", metavar="TEXT",
         help="open-world detection: the best regions for this text over the folder (repeatable)",
     )
-    parser.add_argument("--top-k", type=int_at_least(1), default=10, metavar="K", help="hits printed per --query (default 10)")
+    parser.add_argument("--top-k", type=int_at_least(1), metavar="K",
+                        help=f"with --query: hits printed per query (default {DEFAULT_TOP_K})")
     parser.add_argument("--json", action="store_true", help="with --query: print the results as one JSON object")
     parser.add_argument("--overwrite", action="store_true", help="caption every image again, even those already done")
-    sam = parser.add_argument_group("segment-anything (SAM proposals, or masks of FCLN boxes for DAM)")
+    sam = parser.add_argument_group(
+        "segment-anything (SAM proposals, or masks of FCLN boxes for DAM; the masks are stored and drawn)"
+    )
     sam.add_argument("--sam-checkpoint", metavar="PTH", help="SAM checkpoint, e.g. sam_vit_h_4b8939.pth")
     sam.add_argument("--sam-model-type", default="vit_h", metavar="TYPE", help="vit_h (default), vit_l or vit_b")
     sam.add_argument("--sam-points-per-side", type=int_at_least(1), default=32, metavar="N",
@@ -100,15 +108,36 @@ def _check_args(args: argparse.Namespace) -> None:
                             "FclnModel.save_pretrained (a training run's final/)")
     if args.proposer == "sam" and args.sam_checkpoint is None:
         raise DamInputError("--proposer sam needs --sam-checkpoint PTH (e.g. sam_vit_h_4b8939.pth)")
+    if args.sam_checkpoint is not None and args.proposer == "fcln" and args.captioner == "fcln":
+        raise DamInputError(
+            "--sam-checkpoint is unused with --proposer fcln --captioner fcln (SAM gives proposals with --proposer "
+            "sam, or masks of the FCLN boxes for --captioner dam); drop it, or pick one of those"
+        )
     if args.sam_checkpoint is not None and not Path(args.sam_checkpoint).is_file():
         raise DamInputError(
             f"SAM checkpoint {args.sam_checkpoint!r} does not exist; download an official one "
             "(sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth) and pass its path"
         )
+    _check_paths(args)
+    _check_query_options(args)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
     if not Path(args.input).exists():
         raise DamInputError(f"--input {args.input!r} does not exist; pass an image file or a folder of images")
-    if args.json and not args.query:
-        raise DamInputError("--json is for --query results; drop it, or add --query TEXT")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise DamInputError(f"--output {args.output!r} is a file, not a folder; pass a folder for the results "
+                            "(it is created when missing)")
+
+
+def _check_query_options(args: argparse.Namespace) -> None:
+    # --top-k has no argparse default, so that giving it without --query can be told apart.
+    for option, given in (("--json", args.json), ("--top-k", args.top_k is not None)):
+        if given and not args.query:
+            raise DamInputError(f"{option} is for --query results; drop it, or add --query TEXT")
+    if args.query and any(not query.strip() for query in args.query):
+        raise DamInputError("--query is blank; give the text to look for, e.g. --query \"head of a giraffe\"")
 
 
 def _default_device() -> str:
@@ -178,18 +207,20 @@ def run_densecap_command(args: argparse.Namespace) -> int:
     proposer, captioner, scorer = build_components(args)
     if args.query:
         result = search_folder(args.query, proposer, scorer, args.input, args.output, max_regions=args.max_regions,
-                               image_batch_size=args.image_batch, top_k=args.top_k)
+                               image_batch_size=args.image_batch, top_k=args.top_k or DEFAULT_TOP_K)
         if args.json:
             print(json.dumps(result))
         else:
             _print_hits(result)
             # The tally goes to stderr so that stdout holds only the hits (one per line, tab-separated).
+            unreadable = f", {len(result['failed'])} unreadable images skipped" if result["failed"] else ""
             print(f"{result['num_pairs']} (region, query) pairs over {result['num_images']} images in "
-                  f"{result['seconds']:.1f} s; written to {Path(args.output) / QUERY_RESULTS_FILE}", file=sys.stderr)
-        return 0
+                  f"{result['seconds']:.1f} s{unreadable}; written to {Path(args.output) / QUERY_RESULTS_FILE}",
+                  file=sys.stderr)
+        return EXIT_SOME_FAILED if result["failed"] else 0
     stats = run_folder(DenseCaptioner(proposer, captioner, args.max_regions), args.input, args.output,
                        image_batch_size=args.image_batch, overwrite=args.overwrite)
     print(stats.summary())
     if stats.viewer is not None:
         print(f"viewer: {stats.viewer}")
-    return 0
+    return EXIT_SOME_FAILED if stats.failed else 0

@@ -1,5 +1,5 @@
 """Dense captions baked into a picture, as DenseCap's demo drew them: numbered boxes (and masks,
-when the proposer segments) in distinct colours, each caption on a coloured label at its box.
+when the regions have them: SAM's) in distinct colours, each caption on a coloured label at its box.
 
 The best region is drawn last, so it stays on top where regions overlap. Pure numpy and PIL.
 """

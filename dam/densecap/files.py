@@ -1,9 +1,11 @@
 """Where `dam densecap` reads and writes: the images of an input folder and the result paths.
 
 Input: one image file, or every image under a folder, recursively, in sorted order; hidden
-files and folders (name starting with ".") are skipped, and so is the output folder when it
-lies inside the input folder (else a rerun would caption the drawn pictures). Output mirrors
-the input's relative path with a suffix appended, so "a.jpg" and "a.png" side by side do not
+files and folders (name starting with ".") are skipped, and so are a run's own outputs (else a
+rerun would caption the drawn pictures): an output folder below the input folder is not
+entered, and when the output folder is the input folder itself (or holds it), the drawn
+pictures (*.drawn.jpg, the only images a run writes) under it are skipped. Output mirrors the
+input's relative path with a suffix appended, so "a.jpg" and "a.png" side by side do not
 collide: OUTPUT/sub/a.jpg.json (the regions) and OUTPUT/sub/a.jpg.drawn.jpg (the picture).
 Every file is written to a temporary name in its folder and renamed into place.
 """
@@ -42,6 +44,18 @@ def _is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def _inside(folder: Path, root: Path | None) -> bool:
+    """Whether resolved `folder` is `root` or lies below it."""
+    return root is not None and (folder == root or root in folder.parents)
+
+
+def _is_input(path: Path, relative: Path, in_output: bool) -> bool:
+    """Whether `path` is an image to caption: not hidden, and not a picture a run drew there."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES or _is_hidden(relative):
+        return False
+    return not (in_output and path.name.endswith(DRAWN_SUFFIX))
+
+
 def find_images(source: str | os.PathLike, output: str | os.PathLike | None = None) -> list[InputImage]:
     """The images of `source` (a file or a folder, see the module docstring), sorted by name."""
     root = Path(source)
@@ -62,10 +76,11 @@ def find_images(source: str | os.PathLike, output: str | os.PathLike | None = No
         folders[:] = sorted(
             f for f in folders if not f.startswith(".") and (skip is None or (here / f).resolve() != skip)
         )
+        in_output = _inside(here.resolve(), skip)
         for name in sorted(files):
             path = here / name
             relative = path.relative_to(root)
-            if path.suffix.lower() in IMAGE_SUFFIXES and not _is_hidden(relative):
+            if _is_input(path, relative, in_output):
                 found.append(InputImage(path, relative.as_posix()))
     return sorted(found, key=lambda image: image.name)
 

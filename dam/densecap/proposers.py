@@ -9,11 +9,14 @@
 - `FixedProposer`: boxes (and masks) known in advance, e.g. ground-truth regions, by image key.
 
 All share one call: `propose(images, max_regions, keys=None) -> list[Regions]`, images as uint8
-(H, W, 3).
+(H, W, 3), and a `settings` dict: what makes two proposers' regions the same (the model's
+identity and the options that change the regions), stored with the results so that a resumed
+run or a query search never mixes regions of different proposers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
+from dam.densecap.fingerprint import as_json_value, model_identity
 from dam.densecap.regions import Regions, mask_to_box
 from dam.errors import DamInputError
 
@@ -34,6 +38,11 @@ class Proposer(Protocol):
     """Anything that proposes regions; `name` is written into the results."""
 
     name: str
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What makes this proposer's regions comparable with another's (JSON values)."""
+        ...
 
     def propose(self, images: Sequence[np.ndarray], max_regions: int,
                 keys: Sequence[str] | None = None) -> list[Regions]:
@@ -57,6 +66,10 @@ class FclnProposer:
 
         self.model = model.eval()
         self.processor = FclnImageProcessor.from_config(model.config)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "model": model_identity(self.model)}
 
     @torch.no_grad()
     def propose(self, images: Sequence[np.ndarray], max_regions: int,
@@ -106,11 +119,21 @@ class SamProposer:
         generator = _import_automatic_mask_generator()
         if points_per_side < 1:
             raise DamInputError(f"points_per_side={points_per_side} must be at least 1 (SAM's default is 32)")
+        self.model = model
+        # points_per_batch only trades memory for speed, so it is not part of the settings.
+        self.options = as_json_value({
+            "points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,
+            "stability_score_thresh": stability_score_thresh, "box_nms_thresh": box_nms_thresh, **generator_kwargs,
+        })
         self.generator = generator(
             model, points_per_side=points_per_side, points_per_batch=points_per_batch,
             pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
             box_nms_thresh=box_nms_thresh, output_mode="binary_mask", **generator_kwargs,
         )
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "model": model_identity(self.model), **self.options}
 
     def propose(self, images: Sequence[np.ndarray], max_regions: int,
                 keys: Sequence[str] | None = None) -> list[Regions]:
@@ -130,12 +153,24 @@ class SamProposer:
         return Regions(boxes, scores, masks)
 
 
+def _regions_fingerprint(regions: Mapping[str, Regions]) -> str:
+    """A short hash of every image key and its boxes: other fixed regions, another fingerprint."""
+    hasher = hashlib.sha256()
+    for key in sorted(regions):
+        hasher.update(key.encode() + b"\0" + np.ascontiguousarray(regions[key].boxes, dtype=np.float64).tobytes())
+    return hasher.hexdigest()[:16]
+
+
 class FixedProposer:
     """Regions known in advance (e.g. the ground truth), looked up by each image's key."""
 
     def __init__(self, regions: Mapping[str, Regions], name: str = "fixed") -> None:
         self.regions = dict(regions)
         self.name = name
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "regions": _regions_fingerprint(self.regions)}
 
     def propose(self, images: Sequence[np.ndarray], max_regions: int,
                 keys: Sequence[str] | None = None) -> list[Regions]:

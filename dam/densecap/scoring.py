@@ -27,7 +27,7 @@ import copy
 import inspect
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -344,13 +344,14 @@ class QueryScores:
 def score_queries(images: Iterable[tuple[str, np.ndarray]], queries: Sequence[str], proposer: "Proposer",
                   scorer: QueryScorer, *, max_regions: int = 30, image_batch_size: int = 8,
                   keep_hits: int = 100, progress: bool = True,
-                  regions_for: Any = None) -> QueryScores:
+                  regions_for: Any = None, num_images: int | None = None) -> QueryScores:
     """Propose regions in every image, score every (region, query) pair and keep, per query, each
     image's best region and the `keep_hits` best regions overall.
 
     `images` yields (key, uint8 (H, W, 3)) pairs and is read `image_batch_size` at a time, so a
     thousand images need not be in memory at once. `regions_for(key)`, when given, returns
-    already known regions of an image (or None to propose them).
+    already known regions of an image (or None to propose them). `num_images` is the progress
+    bar's total when `images` is an iterator (a sized `images` gives its own).
     """
     queries = list(queries)
     if not queries:
@@ -395,7 +396,8 @@ def score_queries(images: Iterable[tuple[str, np.ndarray]], queries: Sequence[st
                 del hits[q][keep_hits:]
 
     batch: list[tuple[str, np.ndarray]] = []
-    with tqdm(desc="score queries", unit="img", disable=not progress) as bar:
+    total = num_images if num_images is not None else len(images) if isinstance(images, Sized) else None
+    with tqdm(total=total, desc="score queries", unit="img", disable=not progress) as bar:
         for item in images:
             batch.append(item)
             if len(batch) == image_batch_size:

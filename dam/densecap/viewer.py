@@ -4,7 +4,7 @@ No build step and no network: index.html holds its CSS and JavaScript inline and
 results from results.js (`window.DENSECAP_RESULTS = {...}`, loaded by a plain <script> tag, so
 the page works when opened from file://, where fetch() of a JSON file is blocked). The page
 lists the images; hovering over a box or a caption highlights both, clicking selects the region
-(its mask is painted when the proposer segmented). `index.html?image=I&region=R` opens image I
+(its mask is painted when the result has masks: SAM's). `index.html?image=I&region=R` opens image I
 (an index or the image's relative path) with region R (0-based) selected; the arrow keys step
 through the images.
 
