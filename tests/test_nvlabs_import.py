@@ -8,7 +8,10 @@ import base64
 import io
 import json
 import logging
+import math
 import shutil
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import GenerationMixin, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from dam import DescribeAnything
 from dam.cli import main
 from dam.errors import DamInputError
 from dam.modeling import DamForConditionalGeneration, convert_nvlabs_checkpoint, is_nvlabs_layout
 from dam.modeling.nvlabs import detect_variant
+from dam.modeling.sizes import dam_3b_config
 from dam.processing import DamProcessor
 from dam.prompts import DEFAULT_QUERY, QUERY_PRESETS, VICUNA_V1_SYSTEM
 from tests.factories import box_mask, random_image
@@ -36,8 +40,22 @@ SIGLIP = dict(
     hidden_size=WIDTH, intermediate_size=37, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
     image_size=IMAGE_SIZE, patch_size=PATCH, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3,
 )
+
+# The released prompts as issue 9 spells them (the vicuna-v1 system text as the core issue does),
+# written here rather than taken from dam.prompts, the code under test.
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+IMAGE_QUERY = "Describe the masked region in detail."
+JOINT_IMAGE_QUERY = "Image: <image>\nGiven the image above, describe the object in the masked region."
+JOINT_VIDEO_QUERY = (
+    "Video: <image><image><image><image><image><image><image><image>\nGiven the video in the form of a "
+    "sequence of frames above, describe the object in the masked region in the video in detail."
+)
+
 CORPUS = [
-    VICUNA_V1_SYSTEM, "USER: ASSISTANT:", DEFAULT_QUERY, *QUERY_PRESETS.values(),
+    SYSTEM, "USER: ASSISTANT:", IMAGE_QUERY, JOINT_IMAGE_QUERY, JOINT_VIDEO_QUERY,
     "A red circle on a wooden table, next to a small dog with brown fur and a long tail.",
     "The object is a shiny blue car parked in the street; its windows reflect the sky.",
 ]
@@ -191,25 +209,26 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def reference_merge(tokens: torch.Tensor, order: str = "column_major") -> torch.Tensor:
-    """(G*G, C) row-major patch tokens -> 2x2 blocks of 4C: zero row at the bottom and zero column
-    at the right when G is odd; channels (r0,c0), (r0,c1), (r1,c0), (r1,c1); blocks in `order`."""
+def released_merge(tokens: torch.Tensor) -> torch.Tensor:
+    """mlp_downsample's parameter-free merge as the released code computes it: (G*G, C) tokens,
+    row-major as SigLIP flattens its patch grid, reshaped to (G, G, C); a zero row at the bottom
+    and a zero column at the right when G is odd; pairs of neighbouring columns viewed as 2C;
+    the two grid axes swapped; pairs of neighbouring rows viewed as 4C, so each 2x2 block holds
+    (r0,c0), (r0,c1), (r1,c0), (r1,c1); the (column pair, row pair) grid flattened."""
     length, channels = tokens.shape
-    grid = int(round(length**0.5))
-    padded = torch.zeros(grid + grid % 2, grid + grid % 2, channels)
-    for index in range(length):
-        padded[index // grid, index % grid] = tokens[index]
-    half = padded.shape[0] // 2
-    blocks = {}
-    for block_row in range(half):
-        for block_col in range(half):
-            r, c = 2 * block_row, 2 * block_col
-            blocks[block_row, block_col] = torch.cat([padded[r, c], padded[r, c + 1], padded[r + 1, c], padded[r + 1, c + 1]])
-    if order == "column_major":
-        keys = [(row, col) for col in range(half) for row in range(half)]
-    else:
-        keys = [(row, col) for row in range(half) for col in range(half)]
-    return torch.stack([blocks[key] for key in keys])
+    side = math.isqrt(length)
+    grid = F.pad(tokens.reshape(side, side, channels), (0, 0, 0, side % 2, 0, side % 2))
+    rows, half = grid.shape[0], grid.shape[0] // 2
+    column_pairs = grid.reshape(rows, half, 2 * channels)  # (row, column pair, 2C)
+    blocks = column_pairs.permute(1, 0, 2).reshape(half, half, 4 * channels)  # (column pair, row pair, 4C)
+    return blocks.reshape(half * half, 4 * channels)
+
+
+def row_major_merge(tokens: torch.Tensor) -> torch.Tensor:
+    """The same blocks listed row pair by row pair: the wrong order, which the tests must catch."""
+    merged = released_merge(tokens)
+    half = math.isqrt(merged.shape[0])
+    return merged.reshape(half, half, -1).transpose(0, 1).reshape(merged.shape)
 
 
 def _focal_box(mask: np.ndarray, alpha: float = 3.0, floor: int = 48) -> tuple[int, int, int, int]:
@@ -258,7 +277,7 @@ class ReleasedReference:
         self.llm = LlamaForCausalLM.from_pretrained(root / "llm", dtype=torch.float32).eval()
 
     def prompt_ids(self, user_turn: str, image_id: int, tokens_per_image: int) -> list[int]:
-        prompt = f"{VICUNA_V1_SYSTEM} USER: {user_turn} ASSISTANT:"
+        prompt = f"{SYSTEM} USER: {user_turn} ASSISTANT:"
         ids = [self.sp.bos_id()]
         for index, chunk in enumerate(prompt.split("<image>")):
             if index:
@@ -303,21 +322,21 @@ class ReleasedReference:
                 h = self._adapter(layer, h[0], context)[None]
         return h[0]
 
-    def image_features(self, image: np.ndarray, mask: np.ndarray, order: str) -> torch.Tensor:
+    def image_features(self, image: np.ndarray, mask: np.ndarray, merge) -> torch.Tensor:
         x0, y0, x1, y1 = _focal_box(mask)
         full = _four_channels(image, mask)
         crop = _four_channels(np.ascontiguousarray(image[y0:y1, x0:x1]), np.ascontiguousarray(mask[y0:y1, x0:x1]))
         context = self._encode(full, None)
         features = context if torch.equal(full, crop) else self._encode(crop, context)
-        merged = reference_merge(features, order)
+        merged = merge(features)
         p = self.projector
         x = F.layer_norm(merged, (4 * WIDTH,), p["layers.1.weight"], p["layers.1.bias"], eps=1e-5)
         x = F.gelu(F.linear(x, p["layers.2.weight"], p["layers.2.bias"]))
         return F.linear(x, p["layers.4.weight"], p["layers.4.bias"])
 
     @torch.no_grad()
-    def logits(self, frames: list[tuple[np.ndarray, np.ndarray]], user_turn: str, order: str = "column_major") -> torch.Tensor:
-        features = torch.cat([self.image_features(image, mask, order) for image, mask in frames])
+    def logits(self, frames: list[tuple[np.ndarray, np.ndarray]], user_turn: str, merge=released_merge) -> torch.Tensor:
+        features = torch.cat([self.image_features(image, mask, merge) for image, mask in frames])
         image_id = self.sp.get_piece_size()
         ids = torch.tensor(self.prompt_ids(user_turn, image_id, features.shape[0] // len(frames)))
         positions = ids == image_id
@@ -350,16 +369,22 @@ def toolkit_logits(model, tokenizer, frames, query=None):
 # ---- tests ------------------------------------------------------------------------------------
 
 
-def test_reference_merge_pads_and_orders_blocks_as_constructed():
+def test_released_merge_pads_and_orders_blocks_as_constructed():
     # token (r, c) of a 3x3 grid holds (r + 1, c + 1), so the zero padding is visible
     tokens = torch.tensor([[r + 1.0, c + 1.0] for r in range(3) for c in range(3)])
-    merged = reference_merge(tokens, "column_major")
     top_left = [1, 1, 1, 2, 2, 1, 2, 2]  # (r0,c0), (r0,c1), (r1,c0), (r1,c1)
     below = [3, 1, 3, 2, 0, 0, 0, 0]  # rows 2 (and the zero row 3), columns 0-1
     right = [1, 3, 0, 0, 2, 3, 0, 0]  # rows 0-1, column 2 (and the zero column 3)
     corner = [3, 3, 0, 0, 0, 0, 0, 0]
-    assert merged.tolist() == [top_left, below, right, corner]  # column-major blocks
-    assert reference_merge(tokens, "row_major").tolist() == [top_left, right, below, corner]
+    assert released_merge(tokens).tolist() == [top_left, below, right, corner]  # blocks column by column
+    assert row_major_merge(tokens).tolist() == [top_left, right, below, corner]
+
+
+def test_prompt_texts_are_the_released_ones():
+    assert VICUNA_V1_SYSTEM == SYSTEM
+    assert DEFAULT_QUERY == IMAGE_QUERY
+    assert QUERY_PRESETS["image_joint"] == JOINT_IMAGE_QUERY
+    assert QUERY_PRESETS["video_joint"] == JOINT_VIDEO_QUERY
 
 
 def test_layout_detection_and_variant_rule(released, tmp_path):
@@ -378,7 +403,7 @@ def test_converted_config_records_the_released_behaviour(converted):
     assert (config.gate_type, config.projector_type, config.vision_feature_layer) == ("scalar", "mlp_downsample", -2)
     assert (config.prompt_template, config.resize_backend, config.downsample_order) == ("vicuna_v1", "pil", "column_major")
     assert config.skip_adapters_when_crop_is_full and (config.focal_alpha, config.focal_min_size) == (3.0, 48)
-    assert config.default_query == DEFAULT_QUERY and config.default_video_query is None
+    assert config.default_query == IMAGE_QUERY and config.default_video_query is None
     generation = model.generation_config
     assert (generation.do_sample, generation.temperature, generation.top_p, generation.max_new_tokens) == (True, 0.2, 0.5, 512)
     assert config.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == 400
@@ -402,49 +427,62 @@ def test_tokenizer_gives_sentencepiece_ids(released, converted):
 def test_prompt_ids_are_the_chunked_sentencepiece_ids(released, converted, reference):
     model, tokenizer = converted
     processor = DamProcessor(tokenizer, model.config)
-    expected = reference.prompt_ids("<image>\n" + DEFAULT_QUERY, model.config.image_token_id, 4)
+    expected = reference.prompt_ids("<image>\n" + IMAGE_QUERY, model.config.image_token_id, 4)
     assert processor.encode(None, 1).input_ids == expected
-
-
-def _assert_logits_match(model, tokenizer, reference, order):
-    for frames in [[region] for region in regions()]:
-        ours, batch = toolkit_logits(model, tokenizer, frames)
-        theirs = reference.logits(frames, "<image>\n" + DEFAULT_QUERY, order)
-        assert ours.shape == theirs.shape
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
-    assert batch is not None
 
 
 def test_logits_equal_the_from_scratch_reference(converted, reference):
     model, tokenizer = converted
     full = [DamProcessor(tokenizer, model.config).focal_prompts([r])[0].crop_is_full_image for r in regions()]
     assert full == [False, True, False]  # both encoder paths are exercised
-    _assert_logits_match(model, tokenizer, reference, "column_major")
+    for frames in [[region] for region in regions()]:
+        ours, _ = toolkit_logits(model, tokenizer, frames)
+        theirs = reference.logits(frames, "<image>\n" + IMAGE_QUERY)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # The check would catch a wrong block order: row-major blocks give other logits.
+    row_major = reference.logits(frames, "<image>\n" + IMAGE_QUERY, merge=row_major_merge)
+    assert (ours - row_major).abs().max() > 1e-2
 
 
 def test_joint_variant_video_logits_and_default_queries(released, reference):
     model, tokenizer = convert_nvlabs_checkpoint(released, dtype=torch.float32, variant="joint")
     config = model.config
-    assert config.default_query == QUERY_PRESETS["image_joint"]
-    assert config.default_video_query == QUERY_PRESETS["video_joint"]
+    assert config.default_query == JOINT_IMAGE_QUERY
+    assert config.default_video_query == JOINT_VIDEO_QUERY
     image, _ = regions()[0]
     frames = [(image, box_mask(160, 200, 20 + 15 * i, 30 + 5 * i, 50 + 15 * i, 60 + 5 * i)) for i in range(8)]
     ours, batch = toolkit_logits(model, tokenizer, frames)
     assert int((batch["input_ids"] == config.image_token_id).sum()) == 8 * config.num_image_tokens
-    theirs = reference.logits(frames, QUERY_PRESETS["video_joint"], "column_major")
+    theirs = reference.logits(frames, JOINT_VIDEO_QUERY)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     one = DamProcessor(tokenizer, config).encode(None, 1).input_ids
-    assert one == reference.prompt_ids(QUERY_PRESETS["image_joint"], config.image_token_id, config.num_image_tokens)
+    assert one == reference.prompt_ids(JOINT_IMAGE_QUERY, config.image_token_id, config.num_image_tokens)
 
 
-def test_describe_batch_equals_one_by_one(converted):
+def test_describe_batch_equals_one_by_one_on_both_generation_paths(converted):
     model, tokenizer = converted
-    describer = DescribeAnything(model, tokenizer)
+    describer = DescribeAnything(model, tokenizer, generation="plain")
+    fast = DescribeAnything(model, tokenizer, generation="fast")  # the continuous-batching engine, on CPU too
     image = random_image(90, 120, seed=3)
     items = [*regions(), (image, box_mask(90, 120, 5, 5, 20, 20)), (image, box_mask(90, 120, 60, 40, 118, 88), "Describe it.")]
     one_by_one = [describer.describe(item[0], item[1], query=item[2] if len(item) == 3 else None, **GREEDY) for item in items]
     assert describer.describe_batch(items, batch_size=5, **GREEDY) == one_by_one
     assert describer.describe_batch(items, batch_size=2, **GREEDY) == one_by_one
+    assert fast.describe_batch(items, batch_size=5, **GREEDY) == one_by_one
+    assert fast.describe_batch(items, batch_size=2, **GREEDY) == one_by_one
+
+
+def test_dam_3b_config_is_the_converted_architecture(converted):
+    """bench/speed_describe.py --shape dam-3b must measure what the converter builds."""
+    model, tokenizer = converted
+    not_architecture = {"vision_config", "text_config", "image_token_id", "dtype"}  # dimensions, weights' dtype
+    ours = {k: v for k, v in model.config.to_dict().items() if k not in not_architecture}
+    bench = {k: v for k, v in dam_3b_config(image_token_id=32000).to_dict().items() if k not in not_architecture}
+    assert ours == bench
+    assert (bench["downsample_order"], bench["resize_backend"], bench["skip_adapters_when_crop_is_full"]) == (
+        "column_major", "pil", True
+    )
 
 
 def test_weights_in_pytorch_bin_files_convert_the_same(released, converted, tmp_path):
@@ -569,22 +607,106 @@ def test_cli_convert_round_trip(released, converted, tmp_path, capsys):
     assert err.startswith("dam: error:") and "is not a folder" in err
 
 
-def test_the_server_answers_with_a_released_checkpoint(released):
+def test_cli_describe_samples_with_the_checkpoints_defaults(released, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "dam-tiny"
+    convert_nvlabs_checkpoint(released, out, dtype=torch.float32)
+    image, mask = regions()[0]
+    Image.fromarray(image).save(tmp_path / "image.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    seen = []
+    original = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["generation_config"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    files = ["--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png")]
+    argv = ["describe", "--model", str(out), *files, "--device", "cpu"]
+    assert main([*argv, "--max-new-tokens", "3"]) == 0
+    assert main([*argv, "--max-new-tokens", "3", "--temperature", "0.7"]) == 0
+    assert main([*argv, "--temperature", "0", "--top-p", "0.9"]) == 0
+    capsys.readouterr()
+    settings = [(g.do_sample, g.temperature, g.top_p, g.max_new_tokens) for g in seen]
+    assert settings[0] == (True, 0.2, 0.5, 3)  # the checkpoint's generation_config.json
+    assert settings[1] == (True, 0.7, 0.5, 3)  # what is given wins, the rest stays the checkpoint's
+    assert settings[2][0] is False and settings[2][2:] == (0.9, 512)
+
+
+def _cut_out_url(image: np.ndarray, mask: np.ndarray) -> str:
+    cut_out = io.BytesIO()
+    Image.fromarray(np.dstack([image, mask.astype(np.uint8) * 255])).save(cut_out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(cut_out.getvalue()).decode()
+
+
+def test_the_server_answers_concurrent_requests_with_a_released_checkpoint(released):
     openai = pytest.importorskip("openai")
     from dam.server import BackgroundServer, ServerSettings, create_app
 
     describer = DescribeAnything.from_pretrained(released)  # converted in memory
+    image = random_image(90, 120, seed=3)
+    items = [*regions(), (image, box_mask(90, 120, 60, 40, 118, 88))]
+    queries = [IMAGE_QUERY, IMAGE_QUERY, "Describe it.", IMAGE_QUERY]
+    expected = [
+        describer.describe(image, mask, query=query, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        for (image, mask), query in zip(items, queries)
+    ]
+    assert all(expected)
+    # A long wait lets the four requests join one batch.
+    settings = ServerSettings(model_name="dam-released", max_wait_ms=500)
+    with BackgroundServer(create_app(describer, settings)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def ask(index: int) -> str:
+            image, mask = items[index]
+            content = [
+                {"type": "image_url", "image_url": {"url": _cut_out_url(image, mask)}},
+                {"type": "text", "text": queries[index]},
+            ]
+            reply = client.chat.completions.create(
+                model="dam-released", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0,
+                extra_body={"min_tokens": 6},
+            )
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(len(items)) as pool:
+            answers = list(pool.map(ask, range(len(items))))
+        health = json.loads(urllib.request.urlopen(server.url + "/health", timeout=10).read())
+    assert answers == expected
+    assert health["mean_batch_size"] > 1  # they were generated together
+
+
+def test_the_server_samples_with_the_checkpoints_defaults(released, monkeypatch):
+    openai = pytest.importorskip("openai")
+    import dam.server.app
+    from dam.server import BackgroundServer, ServerSettings, create_app
+    from dam.server.messages import RequestError
+
+    describer = DescribeAnything.from_pretrained(released)
     image, mask = regions()[0]
-    expected = describer.describe(image, mask, query=DEFAULT_QUERY, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert expected
-    cut_out = io.BytesIO()
-    Image.fromarray(np.dstack([image, mask.astype(np.uint8) * 255])).save(cut_out, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(cut_out.getvalue()).decode()
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": DEFAULT_QUERY}]
+    content = [{"type": "image_url", "image_url": {"url": _cut_out_url(image, mask)}}]
+    messages = [{"role": "user", "content": content}]
+    seen = []
+    original = dam.server.app.prepare_request
+
+    def spy(describer, parsed, lock):
+        seen.append(parsed.sampling)
+        if parsed.sampling.max_tokens > 6:  # recorded; not worth 512 tokens on a CPU
+            raise RequestError("recorded", None, "recorded")
+        return original(describer, parsed, lock)
+
+    monkeypatch.setattr(dam.server.app, "prepare_request", spy)
     with BackgroundServer(create_app(describer, ServerSettings(model_name="dam-released"))) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        reply = client.chat.completions.create(
-            model="dam-released", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0,
-            extra_body={"min_tokens": 6},
-        )
-    assert reply.choices[0].message.content == expected
+        with pytest.raises(openai.BadRequestError, match="recorded"):
+            client.chat.completions.create(model="dam-released", messages=messages)
+        texts = [
+            client.chat.completions.create(model="dam-released", messages=messages, max_tokens=6, seed=seed, **given)
+            .choices[0].message.content
+            for seed in (1, 2) for given in ({}, {"temperature": 0.2, "top_p": 0.5})
+        ]
+        client.chat.completions.create(model="dam-released", messages=messages, max_tokens=6, temperature=0)
+    assert (seen[0].temperature, seen[0].top_p, seen[0].max_tokens) == (0.2, 0.5, 512)
+    assert [(s.temperature, s.top_p) for s in seen[1:5]] == [(0.2, 0.5)] * 4
+    assert (seen[5].temperature, seen[5].top_p) == (0.0, 0.5)  # greedy when asked for
+    assert texts[0] == texts[1] and texts[2] == texts[3]  # a seeded default request samples as 0.2 / 0.5 does

@@ -19,11 +19,13 @@ llm_cfg, vision_tower_cfg, mm_projector_cfg and context_provider_cfg, and one su
 
 They map one to one onto DamForConditionalGeneration: the tower, E_M, the adapters (gate_type
 "scalar") and the projector keep their weights, and the config records the released inference
-behaviour: features from hidden state -2, the merge's column-major block order, the vicuna_v1
-prompt, PIL preprocessing, no adapters when the focal crop is the whole image, and sampling with
-temperature 0.2, top_p 0.5, at most 512 new tokens. A layout that differs in any way (another
-projector or context provider, extra or missing weights, other preprocessing) is refused with a
-DamInputError naming the difference: the importer reproduces the reference exactly or not at all.
+behaviour (:func:`released_dam_config`): features from hidden state -2, the merge's column-major
+block order, the vicuna_v1 prompt, PIL preprocessing, no adapters when the focal crop is the whole
+image; its generation config samples with temperature 0.2, top_p 0.5, at most 512 new tokens
+(what `describe`, `dam describe` and `dam serve` use where a call does not say). A layout that
+differs in any way (another projector or context provider, extra or missing weights, other
+preprocessing) is refused with a DamInputError naming the difference: the importer reproduces
+the reference exactly or not at all.
 
 The tokenizer. The reference loads ``llm/tokenizer.model`` with the slow SentencePiece Llama
 tokenizer (use_fast=False, legacy=False). Transformers 5 no longer has slow Llama tokenizers and
@@ -32,7 +34,12 @@ SentencePiece model: a byte-fallback BPE over its pieces (merges ranked by piece
 prepended and spaces replaced as SentencePiece's own normaliser does, BOS on encode. It is
 checked against ``sentencepiece`` on the prompt texts and a few hard strings before use, and saved
 as a plain tokenizer.json. ``<image>`` is added after the SentencePiece vocabulary as the
-placeholder id; the LLM's embeddings are not resized (placeholders never reach them).
+placeholder id; the LLM's embeddings are not resized (placeholders never reach them). Decoding
+equals SentencePiece's except on runs of byte tokens that are not valid UTF-8: tokenizers'
+ByteFallback writes one U+FFFD per byte of such a run, SentencePiece one per invalid sequence
+and keeps the run's valid bytes (bytes E4 14 decode to two U+FFFD here, to U+FFFD U+0014
+there). Ids are unaffected; only a caption in which the model emits broken UTF-8 can read
+differently.
 
 The default query (``variant``). Image checkpoints (DAM-3B) were prompted with "Describe the
 masked region in detail."; joint image+video checkpoints (DAM-3B-Video) with the presets
@@ -46,21 +53,28 @@ Hugging Face cache snapshot, the ``models--org--name`` folder above it) or the c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, processors
-from transformers import PreTrainedTokenizerFast, SiglipVisionConfig
+from transformers import PretrainedConfig, PreTrainedTokenizerFast, SiglipVisionConfig
+
+try:
+    from transformers.initialization import no_init_weights
+
+    _DTYPE_ARGUMENT = "dtype"
+except ImportError:  # transformers 4.x, whose _from_config names the argument torch_dtype
+    from transformers.modeling_utils import no_init_weights
+
+    _DTYPE_ARGUMENT = "torch_dtype"
 
 from dam.errors import DamInputError
 from dam.modeling.configuration_dam import DamConfig
@@ -353,6 +367,8 @@ def build_sentencepiece_tokenizer(llm_dir: str | os.PathLike) -> PreTrainedToken
 
     Gives SentencePiece's ids (checked on the prompts and a few hard strings) without protobuf
     or transformers' slow classes; `<image>` is added after the SentencePiece vocabulary.
+    `decode` differs from SentencePiece's only on byte-token runs that are not valid UTF-8
+    (module docstring).
     """
     import sentencepiece
 
@@ -414,22 +430,6 @@ def build_sentencepiece_tokenizer(llm_dir: str | os.PathLike) -> PreTrainedToken
 # ---- the model ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _fast_init(dtype: torch.dtype) -> Iterator[None]:
-    """Build modules directly in `dtype`, skipping random initialisation (every weight is loaded)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with no_init_weights():
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _stored_dtype(layout: _Layout) -> torch.dtype:
     weights = layout.weights["llm"]
     for key in weights.keys():
@@ -439,26 +439,55 @@ def _stored_dtype(layout: _Layout) -> torch.dtype:
     return torch.float32
 
 
-def _dam_config(layout: _Layout, image_token_id: int, variant: str) -> DamConfig:
-    context = layout.context_config
+def released_dam_config(
+    vision_config: PretrainedConfig | dict[str, Any],
+    text_config: PretrainedConfig | dict[str, Any],
+    image_token_id: int,
+    variant: Literal["image", "joint"] = "image",
+    vision_feature_layer: int = -2,
+    num_video_frames: int = 8,
+    skip_adapters_when_crop_is_full: bool = True,
+    **overrides: Any,
+) -> DamConfig:
+    """The DamConfig of a released DAM with these dimensions: what the converter builds, and
+    what `dam.modeling.sizes.dam_3b_config` builds with DAM-3B's shapes for the benchmarks.
+
+    Only the dimensions and the settings a released config.json records are arguments; every
+    other field is the released inference behaviour (module docstring), defined here once.
+    `overrides` replace DamConfig fields (for experiments on the architecture).
+    """
     joint = variant == "joint"
-    return DamConfig(
-        vision_config=dict(layout.vision_config),
-        text_config=dict(layout.llm_config),
+    values: dict[str, Any] = dict(
+        vision_config=vision_config,
+        text_config=text_config,
         projector_type="mlp_downsample",
         gate_type="scalar",
-        vision_feature_layer=layout.config.get("mm_vision_select_layer", -2),
-        num_video_frames=int(layout.config.get("num_video_frames") or 8),
+        vision_feature_layer=vision_feature_layer,
+        num_video_frames=num_video_frames,
         image_token_id=image_token_id,
         prompt_template="vicuna_v1",
         focal_alpha=3.0,
         focal_min_size=48,
-        skip_adapters_when_crop_is_full=not context.get("treat_image_as_cimage", False),
+        skip_adapters_when_crop_is_full=skip_adapters_when_crop_is_full,
         default_query=QUERY_PRESETS["image_joint"] if joint else DEFAULT_QUERY,
         default_video_query=QUERY_PRESETS["video_joint"] if joint else None,
         resize_backend="pil",
         downsample_order="column_major",
         attn_implementation="sdpa",
+    )
+    values.update(overrides)
+    return DamConfig(**values)
+
+
+def _dam_config(layout: _Layout, image_token_id: int, variant: Literal["image", "joint"]) -> DamConfig:
+    return released_dam_config(
+        dict(layout.vision_config),
+        dict(layout.llm_config),
+        image_token_id,
+        variant,
+        vision_feature_layer=layout.config.get("mm_vision_select_layer", -2),
+        num_video_frames=int(layout.config.get("num_video_frames") or 8),
+        skip_adapters_when_crop_is_full=not layout.context_config.get("treat_image_as_cimage", False),
     )
 
 
@@ -614,9 +643,10 @@ def convert_nvlabs_checkpoint(
     tokenizer = build_sentencepiece_tokenizer(layout.root / "llm")
     config = _dam_config(layout, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), chosen)
     dtype = dtype or _stored_dtype(layout)
-    with _fast_init(dtype):
-        model = DamForConditionalGeneration(config)
-    model.to(dtype)
+    # Built directly in `dtype` (transformers' own dtype argument, no process-wide default
+    # changed here) and without random initialisation: every weight is loaded below.
+    with no_init_weights():
+        model = DamForConditionalGeneration._from_config(config, **{_DTYPE_ARGUMENT: dtype})
     _load_weights(model, layout)
     model.eval()
     generation = model.generation_config

@@ -1,8 +1,9 @@
 """Named model sizes (builders of configs), separate from the model code, as torchtune does.
 
-`dam_3b_config()` has the shapes of the released DAM-3B (SigLIP so400m-patch14-384 tower,
-a 2.7B Llama-shaped LLM, mlp_downsample projector, scalar gates); it is used with random
-weights for speed benchmarks. `tiny_config()` is for tests and CPU smoke runs.
+`dam_3b_config()` is the released DAM-3B as the NVlabs importer converts it (SigLIP
+so400m-patch14-384 tower, a 2.7B Llama-shaped LLM, mlp_downsample projector, scalar gates and
+the rest of `dam.modeling.nvlabs.released_dam_config`); it is used with random weights for
+speed benchmarks. `tiny_config()` is for tests and CPU smoke runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from transformers import LlamaConfig, SiglipVisionConfig
 
 from dam.modeling.configuration_dam import DamConfig
+from dam.modeling.nvlabs import released_dam_config
 
 
 def siglip_so400m_384_config(**overrides: Any) -> SiglipVisionConfig:
@@ -35,17 +37,12 @@ def llama_2_7b_shape_config(vocab_size: int = 32000, **overrides: Any) -> LlamaC
 
 
 def dam_3b_config(image_token_id: int, vocab_size: int = 32000, **overrides: Any) -> DamConfig:
-    values: dict[str, Any] = dict(
-        vision_config=siglip_so400m_384_config(),
-        text_config=llama_2_7b_shape_config(vocab_size),
-        projector_type="mlp_downsample",
-        gate_type="scalar",
-        prompt_template="vicuna_v1",
-        image_token_id=image_token_id,
-        attn_implementation="sdpa",
+    """DAM-3B's shapes with the architecture `dam convert --from-nvlabs` gives the released
+    checkpoint (the converter's own `released_dam_config`), so a benchmark of this config
+    measures the converted model. `overrides` replace DamConfig fields."""
+    return released_dam_config(
+        siglip_so400m_384_config(), llama_2_7b_shape_config(vocab_size), image_token_id, **overrides
     )
-    values.update(overrides)
-    return DamConfig(**values)
 
 
 def tiny_siglip_config(**overrides: Any) -> SiglipVisionConfig:

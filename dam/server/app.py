@@ -34,12 +34,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from dam.describe import DEFAULT_MAX_NEW_TOKENS, DescribeAnything, GenerationMode
+from dam.describe import DescribeAnything, GenerationMode
 from dam.errors import DamInputError
 from dam.server.batching import BatchScheduler, QueueFull, prepare_request
 from dam.server.continuous import resolve_generation
 from dam.server.jobs import Delta, Failed, Finished, Job
-from dam.server.messages import RequestError, decode_data_url, parse_chat_request
+from dam.server.messages import RequestError, decode_data_url, model_sampling, parse_chat_request
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def create_app(describer: DescribeAnything, settings: ServerSettings | None = No
     )
     config = describer.model.config
     allowed_frames = tuple(sorted({1, int(config.num_video_frames)}))
-    default_max_tokens = describer.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    defaults = model_sampling(describer.model.generation_config)
     sam_lock = threading.Lock()
     created = int(time.time())
 
@@ -195,7 +195,7 @@ def create_app(describer: DescribeAnything, settings: ServerSettings | None = No
             body = await _json_body(request)
             parsed = await run_in_threadpool(
                 parse_chat_request, body,
-                max_pixels=settings.max_image_pixels, allowed_frames=allowed_frames, default_max_tokens=default_max_tokens,
+                max_pixels=settings.max_image_pixels, allowed_frames=allowed_frames, defaults=defaults,
             )
             prepared = await run_in_threadpool(prepare_request, describer, parsed, scheduler.tokenizer_lock)
         except RequestError as error:

@@ -7,6 +7,10 @@ The wire format is the standard one, so the official `openai` client (and curl) 
         {"type": "text", "text": "Describe the masked region in detail."}]}],
      "max_tokens": 128, "temperature": 0, "stream": true}
 
+A request that leaves out max_tokens, temperature or top_p gets the model's own setting, from
+its generation config (:func:`model_sampling`): greedy decoding for the toolkit's checkpoints,
+temperature 0.2, top_p 0.5 and at most 512 tokens for a converted NVlabs DAM-3B.
+
 **The mask rule.** The image parts of the last user message are read in order:
 
 - an image whose alpha channel is not fully opaque is a frame *and* its mask (alpha >= 128 is
@@ -36,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from dam.describe import DEFAULT_MAX_NEW_TOKENS
 from dam.errors import DamInputError
 from dam.images import load_image_and_alpha
 from dam.masks import load_mask
@@ -70,11 +75,24 @@ class Sampling:
 
     max_tokens: int
     temperature: float = 0.0
-    """0 decodes greedily (the default, as `dam describe`); > 0 samples."""
+    """0 decodes greedily; > 0 samples."""
     top_p: float = 1.0
     min_tokens: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+
+def model_sampling(generation_config: Any) -> Sampling:
+    """The settings of a request that gives none: the model's generation config (a
+    transformers GenerationConfig, as `describe` and `dam describe` use it), greedy unless it
+    samples; without max_new_tokens, describe's DEFAULT_MAX_NEW_TOKENS."""
+    sample = bool(generation_config.do_sample)
+    temperature, top_p = generation_config.temperature, generation_config.top_p
+    return Sampling(
+        max_tokens=generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        temperature=(1.0 if temperature is None else float(temperature)) if sample else 0.0,  # None: transformers' 1.0
+        top_p=1.0 if top_p is None else float(top_p),
+    )
 
 
 @dataclass
@@ -114,8 +132,8 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None
     return value
 
 
-def _top_p(body: dict[str, Any]) -> float:
-    top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
+def _top_p(body: dict[str, Any], default: float) -> float:
+    top_p = _number(body, "top_p", 0.0, 1.0, default)
     if top_p <= 0:
         raise RequestError(f"top_p must be in (0, 1], got {body['top_p']!r}", "top_p")
     return top_p
@@ -132,8 +150,9 @@ def _stop_strings(value: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def parse_sampling(body: dict[str, Any], default_max_tokens: int) -> Sampling:
-    """temperature, top_p, max_tokens (or max_completion_tokens), min_tokens, seed, stop, n."""
+def parse_sampling(body: dict[str, Any], defaults: Sampling) -> Sampling:
+    """temperature, top_p, max_tokens (or max_completion_tokens), min_tokens, seed, stop, n;
+    those of the first three a request leaves out (or sends as null) are `defaults`'."""
     n = _integer(body, "n", 1, 1 << 30)
     if n is not None and n != 1:
         raise RequestError(
@@ -148,15 +167,15 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int) -> Sampling:
     max_tokens = _integer(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
-    max_tokens = default_max_tokens if max_tokens is None else max_tokens
+    max_tokens = defaults.max_tokens if max_tokens is None else max_tokens
     min_tokens = _integer(body, "min_tokens", 0, MAX_TOKENS_LIMIT) or 0
     if min_tokens > max_tokens:
         raise RequestError(f"min_tokens ({min_tokens}) is larger than max_tokens ({max_tokens})", "min_tokens")
     seed = _integer(body, "seed", -(1 << 63), (1 << 63) - 1)
     return Sampling(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
-        top_p=_top_p(body),
+        temperature=_number(body, "temperature", 0.0, 2.0, defaults.temperature),
+        top_p=_top_p(body, defaults.top_p),
         min_tokens=min_tokens,
         seed=seed,
         stop=_stop_strings(body.get("stop")),
@@ -292,12 +311,13 @@ def _last_user_message(messages: Any) -> tuple[int, Any]:
 
 
 def parse_chat_request(
-    body: Any, *, max_pixels: int, allowed_frames: tuple[int, ...], default_max_tokens: int
+    body: Any, *, max_pixels: int, allowed_frames: tuple[int, ...], defaults: Sampling
 ) -> ChatRequest:
-    """Validate a chat-completions body and decode its images; raises RequestError."""
+    """Validate a chat-completions body and decode its images; raises RequestError. `defaults`
+    (the model's, :func:`model_sampling`) fill the generation settings the body leaves out."""
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_body")
-    sampling = parse_sampling(body, default_max_tokens)
+    sampling = parse_sampling(body, defaults)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream must be true or false, got {stream!r}", "stream")
