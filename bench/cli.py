@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         "keywords": "bench.keywords",
         "caption-metrics": "bench.caption_metrics",
         "densecap": "bench.densecap",
+        "densecap-run": "bench.densecap_run",
         "retrieval": "bench.retrieval",
         "video": "bench.video_bench",
     }

@@ -17,6 +17,17 @@ It follows the evaluation of the DenseCap paper (Johnson et al., 2016) and its r
 4. mAP is the mean AP over IoU {0.3, 0.4, 0.5, 0.6, 0.7} x METEOR {0, 0.05, ..., 0.25};
    the detection mAP is the mean AP over the IoU thresholds with METEOR ignored.
 
+Comparability with published numbers. This follows issue 6, which differs from the released
+DenseCap code (jcjohnson/densecap, eval/eval_utils.lua) in two ways, so mAPs from here are not
+directly comparable with the paper's or other papers' figures:
+- the released code's METEOR thresholds are {-1, 0.05, 0.1, 0.15, 0.2, 0.25}, where -1 serves
+  only the detection mAP: its mAP averages 25 APs (METEOR > 0.05 .. 0.25), while this mAP
+  averages 30, including METEOR > 0 (the easiest column, so this mAP tends to be higher);
+- the released code measures IoU with the +1-pixel convention of inclusive integer corners
+  (width = x2 - x1 + 1, intersection likewise), which raises the IoU of small boxes; here boxes
+  are continuous (width = x2 - x1).
+The default stays as the issue specifies.
+
 METEOR is pycocoevalcap's (meteor-1.5, `-l en -norm`), all matched captions in one JVM; only
 detections that took a box at IoU >= 0.3 are scored, since no other can be a true positive.
 Predicted captions are normalized like the ground truth before scoring.

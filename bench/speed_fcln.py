@@ -115,7 +115,8 @@ def staged_generate(model: FclnModel, pixels: torch.Tensor, watch: Stopwatch) ->
                             config.test_num_proposals, config.pre_nms_top_n)
     proposals = clip_boxes(boxes[keep], height, width)  # (R, 4)
     watch.lap("localization")
-    regions = bilinear_sample_boxes(features[0], proposals, tuple(config.grid_size), model.backbone.stride)
+    regions = bilinear_sample_boxes(features[0], proposals, tuple(config.grid_size), model.backbone.stride,
+                                    model.backbone.feature_offset)
     codes, logits, refinements = model.recognition(regions)  # (R, D), (R,), (R, 4)
     final = clip_boxes(decode_boxes(refinements, proposals), height, width)
     scores = torch.sigmoid(logits)

@@ -318,7 +318,7 @@ def test_viewer_keeps_captions_as_text(tmp_path):
 def fcln_reference(model: FclnModel, codes: torch.Tensor, query: str) -> float:
     """log P(query + <end> | code), one LSTM step and one log-softmax at a time."""
     lm = model.language_model
-    _, state = lm.lstm(lm.code_projection(codes[None])[:, None])
+    _, state = lm.lstm(lm.encode_regions(codes[None])[:, None])
     token, total = START_ID, 0.0
     for target in model.vocabulary.encode(query) + [END_ID]:
         hidden, state = lm.lstm(lm.embedding(torch.tensor([[token]])), state)

@@ -1,6 +1,8 @@
 """DenseCap FCLN (dam.fcln): box maths, anchor sampling, NMS cap, bilinear sampler gradients,
 LSTM conventions, a tiny end-to-end training run, save/load and user errors. CPU, tiny sizes."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from torchvision.ops import box_iou
 
 from dam.errors import DamInputError
 from dam.fcln import (
+    FclnBackbone,
     FclnConfig,
     FclnImageProcessor,
     FclnLanguageModel,
@@ -78,10 +81,13 @@ def test_box_encode_decode_round_trip():
 def test_anchor_grid_and_paper_defaults():
     sizes = paper_anchor_sizes()
     assert len(sizes) == 12 and [64.0, 64.0] in sizes and [512.0, 512.0] in sizes
-    anchors = make_anchors(2, 3, 16, torch.tensor([[10.0, 20.0], [30.0, 30.0]]))
+    anchors = make_anchors(2, 3, 16, torch.tensor([[10.0, 20.0], [30.0, 30.0]]), offset=8.0)
     assert anchors.shape == (2 * 3 * 2, 4)
     # (row 1, column 2, anchor 0) is centred on pixel (40, 24)
     torch.testing.assert_close(anchors[(1 * 3 + 2) * 2], torch.tensor([35.0, 14.0, 45.0, 34.0]))
+    # with ResNet-50's offset the same cell is centred on (32.5, 16.5)
+    shifted = make_anchors(2, 3, 16, torch.tensor([[10.0, 20.0], [30.0, 30.0]]), offset=0.5)
+    torch.testing.assert_close(shifted[(1 * 3 + 2) * 2], torch.tensor([27.5, 6.5, 37.5, 26.5]))
 
 
 # -- localization layer: training samples -------------------------------------------------------
@@ -155,16 +161,59 @@ def test_nms_caps_the_number_of_proposals():
 # -- bilinear sampler ------------------------------------------------------------------------
 
 
+def receptive_field_centre(backbone: FclnBackbone, cell: int, size: int = 256) -> float:
+    """Input x where feature cell (cell, cell) looks: the centroid of its input gradient in a
+    linearised copy of the backbone (max-pools as average pools, every conv weight 1 / fan-in), in
+    continuous pixel coordinates (pixel k's centre is k + 0.5)."""
+    linear = copy.deepcopy(backbone).eval()
+
+    def average_pools(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.MaxPool2d):
+                setattr(module, name, torch.nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
+            else:
+                average_pools(child)
+
+    average_pools(linear)
+    with torch.no_grad():
+        for module in linear.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.fill_(1.0 / module.weight[0].numel())
+                if module.bias is not None:
+                    module.bias.zero_()
+    image = torch.ones(1, 3, size, size, requires_grad=True)
+    linear(image)[0, :, cell, cell].sum().backward()
+    weight = image.grad[0].abs().sum(dim=(0, 1))  # (W,) over columns
+    return float((weight * (torch.arange(size) + 0.5)).sum() / weight.sum())
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "tiny"])
+def test_anchors_and_sampler_sit_on_the_receptive_field_centres(name):
+    backbone = FclnBackbone(name, tiny_channels=8)
+    cell = 6
+    centre = receptive_field_centre(backbone, cell)
+    assert centre == pytest.approx({"vgg16": 16 * cell + 8, "resnet50": 16 * cell + 0.5, "tiny": 16 * cell + 0.5}[name],
+                                   abs=0.05)
+    anchors = make_anchors(cell + 1, cell + 1, backbone.stride, torch.tensor([[16.0, 16.0]]), backbone.feature_offset)
+    x0, y0, x1, y1 = anchors[cell * (cell + 1) + cell].tolist()
+    assert (x0 + x1) / 2 == pytest.approx(centre, abs=0.05) and (y0 + y1) / 2 == pytest.approx(centre, abs=0.05)
+    # A 1 x 1 sample of the box centred there reads exactly that cell.
+    features = torch.randn(3, cell + 4, cell + 4)
+    box = torch.tensor([[x0, y0, x1, y1]])
+    sampled = bilinear_sample_boxes(features, box, (1, 1), backbone.stride, backbone.feature_offset)
+    torch.testing.assert_close(sampled[0, :, 0, 0], features[:, cell, cell])
+
+
 def test_bilinear_sampler_reads_cell_centres_and_passes_gradient_to_boxes():
     torch.manual_seed(0)
     features = torch.randn(5, 4, 6)  # (C, Hf, Wf), stride 16 -> a 64 x 96 image
     cell = torch.tensor([[2 * 16.0, 1 * 16.0, 3 * 16.0, 2 * 16.0]])  # exactly cell (row 1, column 2)
-    sampled = bilinear_sample_boxes(features, cell, (1, 1), stride=16)
+    sampled = bilinear_sample_boxes(features, cell, (1, 1), stride=16, offset=8.0)
     torch.testing.assert_close(sampled[0, :, 0, 0], features[:, 1, 2])
 
     boxes = torch.tensor([[5.0, 7.0, 60.0, 40.0], [20.0, 3.0, 90.0, 61.0]], requires_grad=True)
     features.requires_grad_(True)
-    sampled = bilinear_sample_boxes(features, boxes, (7, 7), stride=16)
+    sampled = bilinear_sample_boxes(features, boxes, (7, 7), stride=16, offset=8.0)
     assert sampled.shape == (2, 5, 7, 7)
     (sampled * torch.randn_like(sampled)).sum().backward()
     assert boxes.grad is not None and torch.isfinite(boxes.grad).all()
@@ -188,6 +237,24 @@ def test_teacher_forcing_shapes_and_start_end_convention():
     assert logits.shape == (3, 4, 12)  # (R, L + 1, V): one prediction per word and one for <end>
     assert torch.all(seen[0][:, 0] == START_ID)  # t = 0 is <start>; t = -1 is the region code
     torch.testing.assert_close(seen[0][:, 1:], words)
+
+
+def test_region_code_enters_the_lstm_through_linear_and_relu():
+    torch.manual_seed(0)
+    lm = FclnLanguageModel(code_size=8, vocab_size=12, embedding_size=6, hidden_size=10).eval()
+    codes, words = torch.randn(3, 8), torch.randint(4, 12, (3, 5))
+
+    def outputs(bias: float) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            lm.code_projection.weight.zero_()
+            lm.code_projection.bias.fill_(bias)
+        return lm(codes, words), lm.generate(codes, max_length=6)
+
+    negative, zero, positive = outputs(-1.0), outputs(0.0), outputs(1.0)
+    # A negative projection is cut to zero before the LSTM, in teacher forcing and generation alike.
+    torch.testing.assert_close(negative[0], zero[0])
+    assert torch.equal(negative[1], zero[1])
+    assert not torch.allclose(positive[0], zero[0])
 
 
 def test_generation_stops_at_end_per_sequence():
@@ -318,6 +385,27 @@ def test_paper_default_loss_weights_and_sizes():
     assert (config.lstm_hidden_size, config.max_caption_length, config.image_longer_side) == (512, 15, 720)
     assert (config.objectness_loss_weight, config.caption_loss_weight) == (0.1, 1.0)
     assert config.resolved_frozen_backbone_convs == 4
+
+
+def test_first_convs_freeze_only_over_imagenet_weights(tmp_path, monkeypatch, caplog):
+    def conv_trainable(model):
+        return [m.weight.requires_grad for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    random_start = FclnModel(tiny_config(backbone="vgg16"))
+    assert all(conv_trainable(random_start)) and random_start.config.frozen_backbone_convs == 0
+    assert "model.backbone_weights" in caplog.text and "ImageNet" in caplog.text
+
+    # With weights (their loading stubbed out: only the freezing is under test) conv1_1..conv2_2
+    # stay fixed, and a saved model keeps them fixed when loaded to resume training.
+    monkeypatch.setattr(FclnModel, "load_imagenet_weights", lambda self, path: None)
+    pretrained = FclnModel(tiny_config(backbone="vgg16"), backbone_weights="vgg16-397923af.pth")
+    assert conv_trainable(pretrained) == [False] * 4 + [True] * 9
+    pretrained.save_pretrained(tmp_path)
+    caplog.clear()
+    assert conv_trainable(FclnModel.from_pretrained(tmp_path)) == [False] * 4 + [True] * 9
+    assert "random weights" not in caplog.text
+    explicit = FclnModel(tiny_config(backbone="vgg16", frozen_backbone_convs=2))
+    assert conv_trainable(explicit) == [False] * 2 + [True] * 11
 
 
 # -- checkpoints and errors --------------------------------------------------------------------

@@ -25,6 +25,7 @@ from train.cli import main as dam_train
 from train.fcln import (
     FclnOptimizers,
     build_model,
+    evaluate_fcln,
     list_checkpoints,
     resume_checkpoint,
     run_fcln_training,
@@ -90,7 +91,7 @@ def finished_run(shapes_vg: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train" / "fcln").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_fcln_configs_match_the_schema(path: Path) -> None:
-    config = from_dict(FclnTrainConfig, read_yaml(path)).validate()
+    config = from_dict(FclnTrainConfig, read_yaml(path, "configs/train/fcln/")).validate()
     assert config.fcln_config(["a", "word"]).vocabulary[-2:] == ["a", "word"]
 
 
@@ -211,7 +212,10 @@ def test_shuffled_split_is_deterministic_and_seeded() -> None:
 def test_the_preprocessed_split_is_cached_and_reused(handmade_vg: Path, tmp_path: Path, monkeypatch) -> None:
     config = handmade_config(handmade_vg)
     first = load_or_preprocess(config, tmp_path / "run", progress=False)
-    assert (tmp_path / "run" / "preprocessed" / "vocabulary.json").is_file()
+    cache = tmp_path / "run" / "preprocessed"
+    assert read_json(cache / "vocabulary.json", "vocabulary") == first.vocabulary
+    assert read_json(cache / "stats.json", "stats") == first.stats
+    assert not list(cache.glob(".*.tmp"))  # written through a temporary file, renamed into place
 
     def no_preprocessing(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the cache should have been reused")
@@ -355,3 +359,32 @@ def test_predictions_are_valid_for_the_densecap_benchmark(finished_run, capsys) 
     assert dam_train(argv) == 0
     written = read_json(eval_dir / "checkpoint-20_test_predictions.json", "predictions")
     assert parse_predictions(written, {str(i): i for i in gt})
+
+
+def test_evaluation_checkpoints_each_image_and_resumes(finished_run, shapes_vg, tmp_path, monkeypatch) -> None:
+    _, final = finished_run
+    config = shapes_config(shapes_vg, tmp_path / "eval", "data.num_test=3")
+    reference = evaluate_fcln(config, final)  # uninterrupted
+    expected = read_json(reference.predictions, "predictions")
+    assert reference.num_images == 3 and not list((tmp_path / "eval" / "eval").glob(".*.partial"))
+
+    reference.predictions.unlink()
+    calls = []
+    generate = FclnModel.generate
+
+    def crashing_generate(self, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while captioning the third image
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(FclnModel, "generate", crashing_generate)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_fcln(config, final)
+    (partial,) = (tmp_path / "eval" / "eval").glob(".*.partial")
+    assert len(list(partial.glob("chunk-*.json"))) == 2 and not reference.predictions.exists()
+
+    calls.clear()
+    resumed = evaluate_fcln(config, final)
+    assert len(calls) == 1  # only the image the kill interrupted
+    assert read_json(resumed.predictions, "predictions") == expected and not partial.exists()

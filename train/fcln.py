@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from dam.configio import ConfigError, to_dict
 from dam.errors import DamInputError
 from dam.fcln import FclnImageProcessor, FclnModel, FclnOutput
+from dam.fcln.evaluation import PredictionCheckpoint, file_stamp, prediction_record
 from dam.jsonio import write_json_atomic
 from train.fcln_config import FclnTrainConfig, load_fcln_config
 from train.fcln_data import (
@@ -419,6 +420,8 @@ def evaluate_fcln(config: FclnTrainConfig, model_path: str | Path | None = None,
     output_dir/eval/{split}_region_descriptions.json (the references: phrases normalised, regions
     longer than data.max_words dropped, as DenseCap evaluates). `model_path` defaults to
     output_dir/final; `data` and `model` skip reloading what the caller already holds.
+    Resumable: each image's detections are checkpointed as it is captioned (in a hidden folder
+    beside the predictions, removed once they are written), so a rerun skips the images done.
     """
     evaluation, training = config.evaluation, config.training
     output_dir = Path(training.output_dir)
@@ -439,11 +442,21 @@ def evaluate_fcln(config: FclnTrainConfig, model_path: str | Path | None = None,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    eval_dir = output_dir / EVAL_DIR
+    predictions_file = eval_dir / f"{model_path.name}_{evaluation.split}_predictions.json"
+    # Per-image results are checkpointed beside the predictions file, so that a run killed during
+    # the hours a full test split takes resumes at the first image not done; the folder is ours,
+    # so one left by another model (or other thresholds) is discarded, not an error.
+    checkpoint_dir = eval_dir / f".{predictions_file.stem}.partial"
+    settings = {"model": file_stamp(model_path), "split": evaluation.split,
+                "max_regions": evaluation.max_regions, "score_threshold": evaluation.score_threshold}
+    checkpoint = PredictionCheckpoint(checkpoint_dir, settings, replace_stale=True, what="evaluation")
+    done = checkpoint.done()
+    todo = [index for index in range(count) if str(split.image_ids[index]) not in done]
     dataset = FclnImageDataset(split, FclnImageProcessor.from_config(model.config))
-    loader = _data_loader(dataset, range(count), config.data.num_workers)
-    predictions: list[dict[str, Any]] = []
-    for example in tqdm(loader, total=count, desc=f"captioning {evaluation.split}", unit="img",
-                        disable=not training.progress):
+    loader = _data_loader(dataset, todo, config.data.num_workers)
+    for example in tqdm(loader, total=count, initial=count - len(todo), desc=f"captioning {evaluation.split}",
+                        unit="img", disable=not training.progress):
         if example.pixels is None:
             logger.warning("image %r not evaluated: %s", example.image_id, example.error)
             continue
@@ -453,18 +466,19 @@ def evaluate_fcln(config: FclnTrainConfig, model_path: str | Path | None = None,
         height, width = (float(v) for v in split.sizes[example.index])
         boxes = detection.boxes.float().cpu() / torch.tensor([sx, sy, sx, sy])  # (N, 4) in the boxes' frame
         boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([width, height, width, height]))
-        for box, score, caption in zip(boxes.tolist(), detection.scores.float().tolist(), detection.captions):
-            predictions.append({"image_id": example.image_id, "box": [round(v, 2) for v in box],
-                                "score": round(score, 6), "caption": caption})
+        records = [prediction_record(example.image_id, box, score, caption) for box, score, caption
+                   in zip(boxes.tolist(), detection.scores.float().tolist(), detection.captions)]
+        checkpoint.add([(example.image_id, records)])
     model.train(was_training)
-    eval_dir = output_dir / EVAL_DIR
+    predictions = checkpoint.predictions(split.image_ids[:count])
     files = FclnEvaluationFiles(
-        predictions=eval_dir / f"{model_path.name}_{evaluation.split}_predictions.json",
+        predictions=predictions_file,
         ground_truth=eval_dir / f"{evaluation.split}_region_descriptions.json",
         num_images=count, num_detections=len(predictions),
     )
     write_json_atomic(files.predictions, predictions)
     write_json_atomic(files.ground_truth, split_ground_truth(split, count))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the predictions file now holds everything
     logger.info("%d detections on %d %s images written to %s; score them with: dam-bench densecap --gt %s --pred %s",
                 len(predictions), count, evaluation.split, files.predictions, files.ground_truth, files.predictions)
     return files

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from dam.configio import ConfigError, apply_overrides, from_dict, read_yaml
 from dam.errors import DamInputError
 from dam.fcln import FclnConfig
+from dam.fcln.evaluation import PAPER_MAX_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class FclnDataConfig:
     """Test images when splitting by shuffle (the paper: 5,000)."""
     split_seed: int = 0
     """Seed of that shuffle; the same seed and images give the same split on every machine."""
-    max_words: int = 10
+    max_words: int = PAPER_MAX_WORDS
     """Regions whose phrase has more words are dropped (the paper: 10)."""
     min_word_count: int = 15
     """Words seen fewer times in the training split become <unk> (the paper: 15)."""
@@ -239,5 +240,5 @@ class FclnTrainConfig:
 
 def load_fcln_config(path: str | Path | None, overrides: list[str] | None = None) -> FclnTrainConfig:
     """The FclnTrainConfig of a YAML file (None: defaults) with `key.sub=value` overrides applied."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(path, "configs/train/fcln/") if path is not None else {}
     return from_dict(FclnTrainConfig, apply_overrides(data, list(overrides or []))).validate()

@@ -3,7 +3,8 @@
 Preprocessing (DenseCap, Johnson et al. 2016, section 4 "Dataset"):
 - phrases are lowercased and stripped of punctuation (`dam.visual_genome.normalize_caption`);
 - regions with more than `max_words` words (10) are dropped, as are empty phrases and boxes that
-  are empty once clipped to the image;
+  are empty once clipped to the image (`dam.fcln.evaluation.filter_region`, which
+  `dam-bench densecap-run` applies to its ground truth too);
 - images with fewer than `min_regions_per_image` (20) or more than `max_regions_per_image` (50)
   kept regions are dropped;
 - the images are split into train/val/test by id (a split file, or a seeded shuffle);
@@ -38,10 +39,11 @@ from tqdm.auto import tqdm
 
 from dam.configio import ConfigError
 from dam.errors import DamInputError
-from dam.fcln import FclnImageProcessor, FclnVocabulary, build_vocabulary, tokenize
+from dam.fcln import FclnImageProcessor, FclnVocabulary, build_vocabulary
+from dam.fcln.evaluation import filter_region, region_descriptions_entry
 from dam.images import load_image
-from dam.jsonio import read_json
-from dam.visual_genome import load_region_descriptions, normalize_caption
+from dam.jsonio import read_json, write_json_atomic
+from dam.visual_genome import load_region_descriptions
 from train.fcln_config import FclnDataConfig
 
 logger = logging.getLogger(__name__)
@@ -247,22 +249,13 @@ def preprocess(config: FclnDataConfig, progress: bool = True) -> FclnPreprocesse
         height, width = size
         boxes, phrases = [], []
         for region in regions:
-            phrase = normalize_caption(region.phrase)
-            words = tokenize(phrase)
-            if not words:
-                stats["regions_empty_phrase"] += 1
+            kept_region = filter_region(region.phrase, region.box, height, width, config.max_words)
+            if isinstance(kept_region, str):
+                stats[kept_region] += 1
                 continue
-            if len(words) > config.max_words:
-                stats["regions_too_long"] += 1
-                continue
-            x1, y1, x2, y2 = region.box
-            x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
-            y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
-            if x2 - x1 < 1 or y2 - y1 < 1:
-                stats["regions_empty_box"] += 1
-                continue
-            boxes.append((x1, y1, x2, y2))
-            phrases.append(" ".join(words))
+            phrase, box = kept_region
+            boxes.append(box)
+            phrases.append(phrase)
         if not boxes or (config.min_regions_per_image is not None and len(boxes) < config.min_regions_per_image):
             stats["images_too_few_regions"] += 1
             continue
@@ -349,8 +342,8 @@ def load_or_preprocess(config: FclnDataConfig, output_dir: str | Path, *, must_m
     state = {"fingerprint": data.fingerprint, "vocabulary": data.vocabulary, "stats": data.stats,
              "splits": {name: split.to_state() for name, split in data.splits.items()}}
     _save_atomic(state, path)
-    (path.parent / "vocabulary.json").write_text(json.dumps(data.vocabulary), encoding="utf-8")
-    (path.parent / "stats.json").write_text(json.dumps(data.stats, indent=2), encoding="utf-8")
+    write_json_atomic(path.parent / "vocabulary.json", data.vocabulary)
+    write_json_atomic(path.parent / "stats.json", data.stats)
     return data
 
 
@@ -441,11 +434,5 @@ def split_ground_truth(split: FclnSplit, max_images: int | None = None) -> list[
     for index in range(count):
         regions = split.regions(index)
         image_id = split.image_ids[index]
-        entries.append({
-            "id": image_id,
-            "regions": [
-                {"image_id": image_id, "phrase": phrase, "x": x1, "y": y1, "width": x2 - x1, "height": y2 - y1}
-                for (x1, y1, x2, y2), phrase in zip(split.boxes[regions].tolist(), split.phrases[regions])
-            ],
-        })
+        entries.append(region_descriptions_entry(image_id, split.boxes[regions].tolist(), split.phrases[regions]))
     return entries

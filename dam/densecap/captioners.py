@@ -90,7 +90,8 @@ def fcln_region_codes(model: "FclnModel", images: Sequence[np.ndarray], regions:
             features = model.backbone(pixels)[0]  # (C, Hf, Wf)
             boxes = torch.as_tensor(regions[index].boxes, dtype=torch.float32, device=parameter.device)
             boxes = processor.boxes_to_input(boxes, batch, position).to(parameter.dtype)  # (R, 4) input pixels
-            sampled = bilinear_sample_boxes(features, boxes, tuple(model.config.grid_size), model.backbone.stride)
+            sampled = bilinear_sample_boxes(features, boxes, tuple(model.config.grid_size), model.backbone.stride,
+                                            model.backbone.feature_offset)
             codes[index] = model.recognition(sampled)[0]  # (R, D)
     return codes  # type: ignore[return-value]
 

@@ -107,7 +107,7 @@ def fcln_query_logprobs(language_model: "FclnLanguageModel", vocabulary: "FclnVo
 
     # Per region: the state after the code and <start>, and the output that predicts word 0.
     start = torch.full((num_regions, 1), START_ID, dtype=torch.long, device=device)
-    prefix = torch.cat((lm.code_projection(codes)[:, None], lm.embedding(start)), dim=1)  # (R, 2, E)
+    prefix = torch.cat((lm.encode_regions(codes)[:, None], lm.embedding(start)), dim=1)  # (R, 2, E)
     hidden, (h, c) = lm.lstm(prefix)
     first_logits = lm.output(hidden[:, -1])  # (R, V): predicts each query's first token
     out += torch.log_softmax(first_logits.float(), dim=-1)[:, targets[:, 0]].cpu()  # (R, Q)

@@ -30,6 +30,16 @@ logger = logging.getLogger(__name__)
 
 STRIDE = 16
 BACKBONE_CHANNELS = {"vgg16": 512, "resnet50": 1024}
+# Where feature cell (i, j) looks in the input: its receptive field is centred at
+# (STRIDE * j + offset, STRIDE * i + offset) in continuous pixel coordinates (pixel k covers
+# [k, k + 1)). Centred convs keep the centre; what moves it is how each stage downsamples.
+# VGG-16's four 2x2 max-pools each shift it by half their input step (0.5 + 1 + 2 + 4 = 7.5
+# pixels), so cell j sees the centre of input block [16j, 16j + 16): 16j + 8. ResNet-50's
+# stride-2 layers (7x7 pad 3, 3x3 pad 1 max-pool and convs, 1x1 downsample) and the tiny
+# backbone's 3x3 pad-1 stride-2 convs all sample at 2j, so cell j sees input pixel 16j, whose
+# centre is 16j + 0.5. Anchors and the bilinear sampler must use these, or every box is read
+# half a cell (8 pixels) away from where the features look (tests/test_fcln.py measures it).
+FEATURE_OFFSETS = {"vgg16": 8.0, "resnet50": 0.5, "tiny": 0.5}
 _RESNET_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
 
 
@@ -119,7 +129,8 @@ def freeze_first_convs(backbone: nn.Module, count: int) -> None:
 
 
 class FclnBackbone(nn.Module):
-    """The chosen backbone: images (B, 3, H, W) -> features (B, C, ~H/16, ~W/16)."""
+    """The chosen backbone: images (B, 3, H, W) -> features (B, C, ~H/16, ~W/16); cell (i, j)
+    is centred on input pixel position (stride * j + feature_offset, stride * i + feature_offset)."""
 
     stride = STRIDE
 
@@ -128,6 +139,7 @@ class FclnBackbone(nn.Module):
         self.name = name
         self.out_channels = backbone_channels(name, tiny_channels)
         self.body = build_backbone(name, tiny_channels)
+        self.feature_offset = FEATURE_OFFSETS[name]  # input-pixel centre of cell 0's receptive field
 
     def reset_parameters(self) -> None:
         """He initialisation of every conv (the backbones are ReLU nets); frozen BN stays identity."""

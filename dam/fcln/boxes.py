@@ -75,16 +75,19 @@ def make_anchors(
     feature_width: int,
     stride: int,
     sizes: torch.Tensor,
+    offset: float,
 ) -> torch.Tensor:
     """All anchors of a feature map, (Hf * Wf * k, 4) xyxy, ordered (row, column, anchor).
 
-    Anchor centres sit at the centres of the image cells the feature positions cover,
-    ((j + 0.5) * stride, (i + 0.5) * stride); `sizes` is (k, 2) of (width, height) in pixels.
-    The order matches the localization head's output after `(Hf, Wf, k)` flattening.
+    Anchor centres sit where the feature positions look, (j * stride + offset, i * stride +
+    offset): `offset` is the backbone's receptive-field centre of cell 0 (FclnBackbone.
+    feature_offset; stride / 2 for VGG-16, the centres of the image cells). `sizes` is (k, 2) of
+    (width, height) in pixels. The order matches the localization head's output after
+    `(Hf, Wf, k)` flattening.
     """
     device, dtype = sizes.device, sizes.dtype
-    ys = (torch.arange(feature_height, device=device, dtype=dtype) + 0.5) * stride  # (Hf,)
-    xs = (torch.arange(feature_width, device=device, dtype=dtype) + 0.5) * stride  # (Wf,)
+    ys = torch.arange(feature_height, device=device, dtype=dtype) * stride + offset  # (Hf,)
+    xs = torch.arange(feature_width, device=device, dtype=dtype) * stride + offset  # (Wf,)
     cy, cx = torch.meshgrid(ys, xs, indexing="ij")  # (Hf, Wf) each
     k = sizes.shape[0]
     centres = torch.stack((cx, cy), dim=-1)[:, :, None, :].expand(-1, -1, k, -1)  # (Hf, Wf, k, 2)

@@ -49,8 +49,10 @@ class FclnConfig(PretrainedConfig):
             channels, frozen batch norm) or "tiny" (four stride-2 convs, for tests). All stride 16.
         tiny_backbone_channels: output channels of the "tiny" backbone.
         frozen_backbone_convs: the first N conv layers of the backbone get no gradient. None
-            means the backbone's usual choice: 4 for vgg16 (the paper does not fine-tune
-            conv1_1..conv2_2), 1 for resnet50 (the stem), 0 for tiny. Set 0 to train from scratch.
+            means the backbone's usual choice when FclnModel loads ImageNet weights: 4 for vgg16
+            (the paper does not fine-tune conv1_1..conv2_2), 1 for resnet50 (the stem), 0 for
+            tiny; and 0 when the backbone starts random (frozen random convs never learn).
+            FclnModel writes the number it used back here, so a saved model keeps it.
         anchors: (width, height) in input pixels of the k anchors per position.
         localization_hidden_size: channels of the localization layer's 3x3 conv.
         rpn_batch_size: B, boxes sampled per image for training.
@@ -196,7 +198,7 @@ class FclnConfig(PretrainedConfig):
 
     @property
     def resolved_frozen_backbone_convs(self) -> int:
-        """`frozen_backbone_convs` with None replaced by the backbone's usual choice."""
+        """`frozen_backbone_convs` with None replaced by the backbone's usual choice with ImageNet weights."""
         if self.frozen_backbone_convs is not None:
             return self.frozen_backbone_convs
         return {"vgg16": 4, "resnet50": 1, "tiny": 0}[self.backbone]

@@ -1,6 +1,7 @@
 """The FCLN's LSTM language model, conditioned on a region code.
 
-Input sequence per region: the region code projected to the word-embedding size at t = -1,
+Input sequence per region: the region code projected to the word-embedding size (Linear +
+ReLU, the image encoder of DenseCap's LanguageModel.lua) at t = -1,
 the <start> embedding at t = 0, then the caption's words. The output after <start> predicts
 the first word, and the output after the last word predicts <end>; the output at t = -1 is
 discarded. Generation is batched over regions, stops per sequence at <end> and after
@@ -61,6 +62,10 @@ class FclnLanguageModel(nn.Module):
         nn.init.xavier_uniform_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
+    def encode_regions(self, codes: torch.Tensor) -> torch.Tensor:
+        """The LSTM's input at t = -1, (R, E) from codes (R, D): Linear then ReLU, as the paper's code."""
+        return torch.relu(self.code_projection(codes))
+
     def forward(self, codes: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (R, L+1, V) for codes (R, D) and word ids (R, L) (no start/end).
 
@@ -69,7 +74,7 @@ class FclnLanguageModel(nn.Module):
         """
         start = torch.full_like(words[:, :1], START_ID)  # (R, 1)
         embedded = self.embedding(torch.cat((start, words), dim=1))  # (R, L+1, E)
-        inputs = torch.cat((self.code_projection(codes)[:, None], embedded), dim=1)  # (R, L+2, E)
+        inputs = torch.cat((self.encode_regions(codes)[:, None], embedded), dim=1)  # (R, L+2, E)
         hidden, _ = self.lstm(self.dropout(inputs))  # (R, L+2, H)
         return self.output(self.dropout(hidden[:, 1:]))  # (R, L+1, V)
 
@@ -83,7 +88,7 @@ class FclnLanguageModel(nn.Module):
         cut there (no <end>).
         """
         num_regions = codes.shape[0]
-        _, state = self.lstm(self.code_projection(codes)[:, None])  # t = -1
+        _, state = self.lstm(self.encode_regions(codes)[:, None])  # t = -1
         token = torch.full((num_regions,), START_ID, dtype=torch.long, device=codes.device)
         finished = torch.zeros(num_regions, dtype=torch.bool, device=codes.device)
         produced: list[torch.Tensor] = []

@@ -36,10 +36,12 @@ class LocalizationOutput:
 class LocalizationHead(nn.Module):
     """3x3 conv + ReLU + 1x1 conv to 5k channels (per anchor: 1 score, 4 offsets)."""
 
-    def __init__(self, in_channels: int, hidden_channels: int, anchor_sizes: list[list[float]], stride: int) -> None:
+    def __init__(self, in_channels: int, hidden_channels: int, anchor_sizes: list[list[float]], stride: int,
+                 feature_offset: float) -> None:
         super().__init__()
         self.num_anchors = len(anchor_sizes)
         self.stride = stride
+        self.feature_offset = feature_offset  # anchors centre on the cells' receptive fields (make_anchors)
         self.conv = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
         self.score = nn.Conv2d(hidden_channels, self.num_anchors, 1)
         self.offset = nn.Conv2d(hidden_channels, 4 * self.num_anchors, 1)
@@ -64,7 +66,7 @@ class LocalizationHead(nn.Module):
         offsets = self.offset(hidden).view(batch, k, 4, height, width)
         offsets = offsets.permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)  # (B, Hf*Wf*k, 4)
         sizes = torch.tensor(self.anchor_sizes, device=features.device, dtype=offsets.dtype)  # (k, 2)
-        anchors = make_anchors(height, width, self.stride, sizes)  # (Hf*Wf*k, 4)
+        anchors = make_anchors(height, width, self.stride, sizes, self.feature_offset)  # (Hf*Wf*k, 4)
         return [LocalizationOutput(anchors, scores[i], offsets[i]) for i in range(batch)]
 
 

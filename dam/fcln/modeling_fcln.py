@@ -108,7 +108,8 @@ class FclnModel(FclnPreTrainedModel):
         super().__init__(config)
         self.backbone = FclnBackbone(config.backbone, config.tiny_backbone_channels)
         channels, stride = self.backbone.out_channels, self.backbone.stride
-        self.localization = LocalizationHead(channels, config.localization_hidden_size, config.anchors, stride)
+        self.localization = LocalizationHead(channels, config.localization_hidden_size, config.anchors, stride,
+                                             self.backbone.feature_offset)
         grid_y, grid_x = config.grid_size
         self.recognition = RecognitionNetwork(
             channels * grid_y * grid_x, config.recognition_hidden_size, config.recognition_dropout
@@ -119,9 +120,29 @@ class FclnModel(FclnPreTrainedModel):
         )
         self.vocabulary = FclnVocabulary.from_config(config)
         self.post_init()
-        freeze_first_convs(self.backbone, config.resolved_frozen_backbone_convs)
+        if config.frozen_backbone_convs is None:
+            # The paper keeps conv1_1..conv2_2 at their ImageNet values; random convs frozen that
+            # way would stay random for ever, so without weights nothing is frozen. The choice is
+            # written into the config so that a saved model (and a resumed run) keeps it.
+            usual = config.resolved_frozen_backbone_convs
+            config.frozen_backbone_convs = usual if backbone_weights is not None else 0
+            if backbone_weights is None and usual:
+                logger.warning(
+                    "the %s FCLN backbone starts from random weights, so its first %d convs are trained instead of "
+                    "frozen; the paper's setup starts from ImageNet weights: pass backbone_weights (dam-train fcln: "
+                    "model.backbone_weights, e.g. torchvision's vgg16-397923af.pth)", config.backbone, usual,
+                )  # fmt: skip
+        freeze_first_convs(self.backbone, config.frozen_backbone_convs)
         if backbone_weights is not None:
             self.load_imagenet_weights(backbone_weights)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "FclnModel":
+        """transformers' loading, then the config's frozen convs frozen again: loading replaces the
+        parameters, which drops their requires_grad, and a resumed training must not train them."""
+        model = super().from_pretrained(*args, **kwargs)
+        freeze_first_convs(model.backbone, model.config.frozen_backbone_convs)
+        return model
 
     def load_imagenet_weights(self, path: str | os.PathLike) -> None:
         """Load a torchvision ImageNet state dict into the backbone (and VGG fc6/fc7 into fc1/fc2)."""
@@ -174,7 +195,8 @@ class FclnModel(FclnPreTrainedModel):
         return encoded
 
     def _sample_regions(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return bilinear_sample_boxes(features, boxes, tuple(self.config.grid_size), self.backbone.stride)
+        return bilinear_sample_boxes(features, boxes, tuple(self.config.grid_size), self.backbone.stride,
+                                     self.backbone.feature_offset)
 
     # -- training ------------------------------------------------------------------------------
 
