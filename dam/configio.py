@@ -27,11 +27,14 @@ class ConfigError(DamInputError):
     """A config (training, data pipeline) is unusable; the message names the key and the fix."""
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file (an empty file is an empty mapping)."""
+def read_yaml(path: str | Path, examples: str) -> dict[str, Any]:
+    """The mapping in a YAML file (an empty file is an empty mapping).
+
+    ``examples``: the calling tool's folder of example configs, named when the file is missing.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist: pass --config with a YAML file (see configs/train/)")
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass --config with a YAML file (see {examples})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+DATASET_MANIFEST = "manifest.json"  # a merged dataset's record (image_root, shards); dam-data writes it, dam-train reads it
 COLUMNS = ("id", "source", "caption", "category", "image", "mask", "frames", "video", "frame_indices", "frame_masks")
 _VERSION_KEY = b"dam_schema_version"  # parquet metadata key; shards newer than the code are refused
 _ROW_GROUP = 100  # rows per parquet row group: image rows are large and readers stream by group
@@ -245,6 +246,17 @@ def decode_row(row: dict, root: str | Path | None = None) -> DecodedRow:
     return DecodedRow(row.get("id"), row.get("source"), caption, row.get("category"), frames, masks, is_video)
 
 
+def temp_path(path: Path) -> Path:
+    """A fresh hidden temp file beside ``path`` (``.{name}.{uuid}.tmp``; dam.jsonio.write_json_atomic's are alike)."""
+    return path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+
+
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temp files of ``path`` (see ``temp_path``) that a writer killed mid-write left behind."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def write_shard(rows: Iterable[dict], path: str | os.PathLike) -> int:
     """Write ``rows`` to the parquet shard ``path`` atomically; return the number of rows.
 
@@ -257,7 +269,7 @@ def write_shard(rows: Iterable[dict], path: str | os.PathLike) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = features().arrow_schema
     schema = schema.with_metadata({**(schema.metadata or {}), _VERSION_KEY: str(SCHEMA_VERSION).encode()})
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp = temp_path(path)
     count, ids, batch = 0, set(), []
     try:
         with pq.ParquetWriter(tmp, schema) as writer:

@@ -15,7 +15,8 @@ to say "the highlighted region" and to refuse, so stage 1 keeps only clean descr
   highlighting ("The rest of the image is darkened.") is dropped; a first sentence that still
   does is rejected as ``self_reference`` (rewriting it would guess).
 - rejection reasons (``LabelResult.reason``): ``refusal`` (apologies, "I cannot ...", "unable to
-  determine what ...", "there is no highlighted object"), ``repetition`` (a generation loop),
+  determine what ...", "there is no highlighted object"), ``repetition`` (a generation loop: at
+  least ``repetition_min_trigrams`` word trigrams, fewer than ``repetition_max_unique`` of them distinct),
   ``empty`` (nothing left, or fewer than ``min_words`` words).
 - ``truncated`` (the answer hit max_tokens): the unfinished last sentence is dropped.
 """
@@ -43,10 +44,19 @@ class CleaningConfig:
     """Captions with fewer words are rejected as "empty" (DLC captions are detailed)."""
     rewrite_self_reference: bool = True
     """Rewrite "The highlighted region shows X" to "X"; false: reject every self-reference."""
+    repetition_min_trigrams: int = 24
+    """Captions this long (in word trigrams) or longer are checked for a generation loop; shorter ones
+    repeat phrases legitimately ("a red cup and a red plate")."""
+    repetition_max_unique: float = 0.5
+    """A checked caption whose share of distinct word trigrams is below this is a loop ("repetition")."""
 
     def __post_init__(self) -> None:
         if self.min_words < 1:
             raise DamInputError(f"cleaning.min_words must be >= 1, got {self.min_words}")
+        if self.repetition_min_trigrams < 1:
+            raise DamInputError(f"cleaning.repetition_min_trigrams must be >= 1, got {self.repetition_min_trigrams}")
+        if not 0 <= self.repetition_max_unique <= 1:
+            raise DamInputError(f"cleaning.repetition_max_unique must be in [0, 1] (0: never reject), got {self.repetition_max_unique}")
 
 
 @dataclass(frozen=True)
@@ -270,11 +280,11 @@ def _is_fragment(sentence: str) -> bool:
     return len(words) < 3 or bool(re.fullmatch(r"(?:it|this|the\s+\w+)\s+(?:is|are)\W*", sentence, _F))
 
 
-def _is_loop(text: str) -> bool:
-    """A generation loop: most word trigrams of a long text are repeats."""
+def _is_loop(text: str, config: CleaningConfig) -> bool:
+    """A generation loop: most word trigrams of a long text are repeats (thresholds in ``config``)."""
     words = [w.lower() for w in _WORD.findall(text)]
     trigrams = list(zip(words, words[1:], words[2:]))
-    return len(trigrams) >= 24 and len(set(trigrams)) / len(trigrams) < 0.5
+    return len(trigrams) >= config.repetition_min_trigrams and len(set(trigrams)) / len(trigrams) < config.repetition_max_unique
 
 
 def clean_caption(
@@ -324,7 +334,7 @@ def clean_caption(
         if rewritten not in kept:  # a repeated sentence is a loop, not information
             kept.append(rewritten)
     caption = " ".join(kept)
-    if _is_loop(caption):
+    if _is_loop(caption, config):
         return Cleaned(None, "repetition")
     if len(_WORD.findall(caption)) < config.min_words:
         return Cleaned(None, "empty")

@@ -9,7 +9,10 @@
 
 Every subcommand is resumable: rerunning the same command skips the shards already written.
 Progress and logs go to stderr; stdout gets one summary line. Errors the user can fix print one
-line ``dam-data: error: ...`` and exit with status 2, as argparse does for bad options.
+line ``dam-data: error: ...`` and exit with status 2, as argparse does for bad options. A stage
+that left shards unwritten because the labeler failed on some regions (errors or timeouts after
+every retry) prints its summary, then ``dam-data: error: ... rerun the same command ...``, and
+exits with status 1 (EXIT_RETRY).
 
 Subcommands register themselves in :func:`build_parser` with ``set_defaults(handler=...)``
 (the SDP stages ``stage1``, ``stage2`` and ``video`` share :func:`_add_stage`).
@@ -23,6 +26,9 @@ import sys
 from typing import Any
 
 from dam.commandline import int_at_least, run_command
+
+EXIT_RETRY = 1
+"""A stage left shards for a rerun to retry (transient labeler failures)."""
 
 def _common_options() -> argparse.ArgumentParser:
     """Options every subcommand takes (used as an argparse parent parser)."""
@@ -124,12 +130,18 @@ def _add_video(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
 
 
-def _summary(stage: str, summary: Any) -> None:
+def _summary(stage: str, summary: Any) -> int:
+    """Print a stage's summary line; the exit status (EXIT_RETRY when shards are left for a rerun)."""
     tally = summary.tally
     print(
         f"{stage}: {summary.rows} rows from {tally.units_seen} units in {len(summary.shards_written) + len(summary.shards_skipped)} "
         f"of {summary.num_shards} shards (worker {summary.worker}; {len(summary.shards_skipped)} complete before) in {summary.out_dir}"
     )
+    retry = summary.retry_message()
+    if retry is None:
+        return 0
+    print(f"dam-data: error: {retry}", file=sys.stderr)
+    return EXIT_RETRY
 
 
 def _run_stage1(args: argparse.Namespace) -> int:
@@ -139,8 +151,7 @@ def _run_stage1(args: argparse.Namespace) -> int:
 
     config = load_stage1_config(args.config, args.overrides)
     worker = resolve_worker(args.shard, args.num_shards)
-    _summary("stage1", run_stage1(config, worker=worker, progress=not args.no_progress))
-    return 0
+    return _summary("stage1", run_stage1(config, worker=worker, progress=not args.no_progress))
 
 
 def _run_stage2(args: argparse.Namespace) -> int:
@@ -150,8 +161,7 @@ def _run_stage2(args: argparse.Namespace) -> int:
 
     config = load_stage2_config(args.config, args.overrides)
     worker = resolve_worker(args.shard, args.num_shards)
-    _summary("stage2", run_stage2(config, worker=worker, progress=not args.no_progress))
-    return 0
+    return _summary("stage2", run_stage2(config, worker=worker, progress=not args.no_progress))
 
 
 def _run_video(args: argparse.Namespace) -> int:
@@ -161,8 +171,7 @@ def _run_video(args: argparse.Namespace) -> int:
 
     config = load_video_config(args.config, args.overrides)
     worker = resolve_worker(args.shard, args.num_shards)
-    _summary("video", run_video_stage(config, worker=worker, progress=not args.no_progress))
-    return 0
+    return _summary("video", run_video_stage(config, worker=worker, progress=not args.no_progress))
 
 
 _STAGE_HANDLERS = {"stage1": _run_stage1, "stage2": _run_stage2, "video": _run_video}

@@ -21,6 +21,9 @@ from typing import Any, Literal
 
 from dam.configio import ConfigError, apply_overrides, from_dict, read_yaml
 
+DATA_CONFIGS = "configs/data/"
+"""The example configs of dam-data, named when a --config file is missing."""
+
 SourceType = Literal["coco", "semantic", "sa1b", "sav"]
 
 # Which SourceConfig fields each source type reads (besides type, name, limit).
@@ -196,7 +199,7 @@ def _doc(cls: type, name: str) -> str:
 
 def load_stage1_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage1Config:
     """The stage-1 config from a YAML file (or none) with `key.sub=value` overrides, validated."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(path, DATA_CONFIGS) if path is not None else {}
     _check_stage(data, "stage1", path)
     return from_dict(Stage1Config, apply_overrides(data, list(overrides or []))).validate()
 
@@ -385,7 +388,7 @@ def _check_runtime(device: str | None, dtype: str) -> None:
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if device is not None and not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise ConfigError(f"device must be cpu, cuda or cuda:N (or null: cuda when available), got {device!r}")
+        raise ConfigError(f"device must be cpu, cuda or cuda:N (or null: this process's GPU when CUDA is available), got {device!r}")
 
 
 @dataclass
@@ -417,7 +420,8 @@ class Stage2Config:
     batch_size: int = 16
     """Regions per labeler call."""
     device: str | None = None
-    """Device of the detector, SAM, instance and SigLIP models: cpu, cuda, cuda:N; null: cuda if available."""
+    """Device of the detector, SAM, instance and SigLIP models: cpu, cuda, cuda:N; null: this process's GPU
+    (cuda:LOCAL_RANK under torchrun, data_pipeline.devices) if CUDA is available, else cpu."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype of those models (SAM runs under autocast in a half dtype)."""
 
@@ -457,7 +461,8 @@ class VideoStageConfig:
     batch_size: int = 8
     """Masklets per labeler call (their frames are decoded together)."""
     device: str | None = None
-    """Device of the instance model: cpu, cuda, cuda:N; null: cuda if available."""
+    """Device of the instance model: cpu, cuda, cuda:N; null: this process's GPU (cuda:LOCAL_RANK under
+    torchrun, data_pipeline.devices) if CUDA is available, else cpu."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype of the instance model."""
 
@@ -476,14 +481,14 @@ class VideoStageConfig:
 
 def load_stage2_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage2Config:
     """The stage-2 config from a YAML file (or none) with `key.sub=value` overrides, validated."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(path, DATA_CONFIGS) if path is not None else {}
     _check_stage(data, "stage2", path)
     return from_dict(Stage2Config, apply_overrides(data, list(overrides or []))).validate()
 
 
 def load_video_config(path: str | Path | None, overrides: list[str] | None = None) -> VideoStageConfig:
     """The video-stage config from a YAML file (or none) with `key.sub=value` overrides, validated."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(path, DATA_CONFIGS) if path is not None else {}
     _check_stage(data, "video", path)
     return from_dict(VideoStageConfig, apply_overrides(data, list(overrides or []))).validate()
 
@@ -501,7 +506,7 @@ def _check_stage(data: dict[str, Any], expected: str, path: str | Path | None) -
 
 def load_data_config(path: str | Path, overrides: list[str] | None = None) -> "Stage1Config | Stage2Config | VideoStageConfig":
     """Any data-pipeline config, by its top-level ``stage`` key (absent: stage1), validated."""
-    stage = read_yaml(path).get("stage")
+    stage = read_yaml(path, DATA_CONFIGS).get("stage")
     if stage is None:
         return load_stage1_config(path, overrides)
     if stage == "stage2":

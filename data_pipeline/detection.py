@@ -34,6 +34,7 @@ import numpy as np
 
 from dam.configio import ConfigError
 from dam.errors import DamInputError
+from data_pipeline.devices import resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -43,20 +44,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Detections", "OwlDetector", "BoxSegmenter", "load_vocabulary", "resolve_device", "torch_dtype", "load_hf_model", "on_device",
+    "Detections", "OwlDetector", "BoxSegmenter", "load_vocabulary", "torch_dtype", "load_hf_model", "on_device",
 ]
-
-
-def resolve_device(device: str | None) -> "torch.device":
-    """``device`` as a torch.device; None: cuda when available, else cpu."""
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DamInputError(f"device {device!r} was asked for but torch sees no CUDA GPU; set device: cpu (or null)")
-    return resolved
 
 
 def torch_dtype(name: str) -> "torch.dtype":

@@ -38,13 +38,12 @@ from tqdm.auto import tqdm
 
 from dam.errors import DamInputError
 from dam.jsonio import read_json, write_json_atomic
-from dam.schema import SCHEMA_VERSION
+from dam.schema import DATASET_MANIFEST, SCHEMA_VERSION
 from data_pipeline.sharding import RUN_MANIFEST, read_report, shard_file
 from data_pipeline.tally import Tally
 
 logger = logging.getLogger(__name__)
 
-DATASET_MANIFEST = "manifest.json"
 DATASET_REPORT = "report.json"
 DATASET_FORMAT = "dam-data dataset"
 _NAMED = 10  # incomplete shards named in a refusal

@@ -16,6 +16,9 @@ with M (ties: the first), ``iou = |M & I*| / |M | I*|`` and ``inside = |M & I*| 
 - **unmatched**: neither (no instance, or M spans several objects or the background): the
   instance model has nothing to say, and ``unmatched: keep | drop`` decides.
 
+The instances carry their class names (:class:`Instances`), so a whole mask can take the class
+of the instance it is (the video stage names SA-V masklets, which come without classes, so).
+
 Instances of classes in ``ignore_labels`` (a panoptic model's stuff: wall, sky, grass) are
 left out, or every object in front of a wall would be "part of the wall".
 
@@ -38,7 +41,8 @@ import numpy as np
 from dam.configio import ConfigError
 from dam.errors import DamInputError
 from dam.focal import build_focal_prompt
-from data_pipeline.detection import load_hf_model, on_device, resolve_device, torch_dtype
+from data_pipeline.detection import load_hf_model, on_device, torch_dtype
+from data_pipeline.devices import resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -47,9 +51,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Verdict", "Judgement", "judge_mask", "InstanceSegmenter", "SiglipScorer", "focal_crop"]
+__all__ = ["Verdict", "Judgement", "Instances", "judge_mask", "InstanceSegmenter", "SiglipScorer", "focal_crop"]
 
 Verdict = Literal["whole", "partial", "unmatched"]
+
+
+@dataclass(frozen=True)
+class Instances:
+    """An image's whole objects: ``masks`` (K, H, W) bool and each one's class name."""
+
+    masks: np.ndarray
+    labels: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.masks):
+            raise ValueError(f"{len(self.masks)} instance masks but {len(self.labels)} labels; give one label per mask")
+
+    def __len__(self) -> int:
+        return len(self.masks)
 
 
 @dataclass(frozen=True)
@@ -94,7 +113,8 @@ class InstanceSegmenter:
                 f"the instance model's image processor ({type(image_processor).__name__}) has no "
                 f"post_process_instance_segmentation; use an instance or universal segmentation model (Mask2Former, MaskFormer)"
             )
-        labels = {str(name): int(index) for index, name in (getattr(model.config, "id2label", None) or {}).items()}
+        self.names = {int(index): str(name) for index, name in (getattr(model.config, "id2label", None) or {}).items()}
+        labels = {name: index for index, name in self.names.items()}
         unknown = [name for name in ignore_labels if name not in labels]
         if unknown:
             raise ConfigError(
@@ -135,8 +155,8 @@ class InstanceSegmenter:
     def device(self) -> "torch.device":
         return self.model.device
 
-    def instances(self, image: np.ndarray) -> np.ndarray:
-        """The instance masks (K, H, W) bool of a uint8 (H, W, 3) image (K may be 0)."""
+    def instances(self, image: np.ndarray) -> Instances:
+        """The instances of a uint8 (H, W, 3) image: masks (K, H, W) bool and class names (K may be 0)."""
         import torch
 
         height, width = image.shape[:2]
@@ -153,17 +173,19 @@ class InstanceSegmenter:
         result = self.image_processor.post_process_instance_segmentation(outputs, **options)[0]
         segmentation, segments = result["segmentation"], result.get("segments_info") or []
         if segmentation is None or not segments:
-            return np.zeros((0, height, width), bool)
+            return Instances(np.zeros((0, height, width), bool), [])
         segmentation = segmentation.cpu() if isinstance(segmentation, torch.Tensor) else torch.as_tensor(segmentation)
-        masks = []
+        masks, labels = [], []
         for position, segment in enumerate(segments):
-            if int(segment.get("label_id", -1)) in self.ignored:
+            label_id = int(segment.get("label_id", -1))
+            if label_id in self.ignored:
                 continue
             if self.binary_maps and segmentation.ndim == 3:
                 masks.append(segmentation[position].numpy() > 0)
             else:  # an id map: -1 (or 0) background, segment["id"] elsewhere
                 masks.append((segmentation == segment["id"]).numpy())
-        return np.stack(masks).astype(bool) if masks else np.zeros((0, height, width), bool)
+            labels.append(self.names.get(label_id, str(label_id)))
+        return Instances(np.stack(masks).astype(bool) if masks else np.zeros((0, height, width), bool), labels)
 
 
 def focal_crop(image: np.ndarray, mask: np.ndarray, alpha: float = 3.0, min_size: int = 48) -> np.ndarray:

@@ -17,10 +17,15 @@ Output folder (workers may share it, or each write their own and ``dam-data merg
     shard-00000.parquet            rows of shard 0 (dam.schema.write_shard: atomic)
     shard-00000.report.json        its tally; written last, so it marks the shard complete
 
-A rerun skips complete shards and redoes the others from scratch, so a run killed anywhere and
-rerun ends with exactly the rows of an uninterrupted run (a deterministic ``process`` gives
-identical rows), never duplicates or loses a unit. A folder holds one run: a rerun whose
-manifest differs (another config, source files added) is refused, naming the differences.
+A rerun skips complete shards and redoes the others from scratch (first removing the temp
+files a killed writer left), so a run killed anywhere and rerun ends with exactly the rows of an
+uninterrupted run (a deterministic ``process`` gives identical rows), never duplicates or loses
+a unit. A shard in which some region failed transiently (``UnitResult.transient_failures``: a
+labeler server that errored or timed out on every attempt) is not written at all, so it stays
+incomplete: the run goes on with the other shards, reports the failed ones
+(``RunSummary.shards_failed``, ``retry_message``; `dam-data` exits non-zero) and a rerun of the
+same command redoes exactly those shards. A folder holds one run: a rerun whose manifest
+differs (another config, source files added) is refused, naming the differences.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from tqdm.auto import tqdm
 
 from dam.errors import DamInputError
 from dam.jsonio import read_json, write_json_atomic
-from dam.schema import write_shard
+from dam.schema import stale_temp_files, write_shard
 from data_pipeline.tally import Tally
 
 logger = logging.getLogger(__name__)
@@ -121,6 +126,9 @@ class UnitResult:
     tally: Tally = field(default_factory=Tally)
     regions: int = 0
     """Regions looked at (drives the progress bar's regions/s)."""
+    transient_failures: int = 0
+    """Regions the labeler failed on in a way a later try may not (``LabelResult.transient``): the
+    shard holding this unit is not written, so a rerun asks for them again."""
 
 
 @dataclass
@@ -136,6 +144,27 @@ class RunSummary:
     """Shards found complete from an earlier run and left as they were."""
     rows: int
     tally: Tally
+    shards_failed: dict[int, int] = field(default_factory=dict)
+    """Shards left unwritten because some of their regions failed transiently: shard -> such regions."""
+
+    def retry_message(self) -> str | None:
+        """What to tell the user when shards were left for a rerun (None when there are none)."""
+        if not self.shards_failed:
+            return None
+        regions = sum(self.shards_failed.values())
+        return (
+            f"{len(self.shards_failed)} shard(s) of {self.out_dir} not written: {regions} region(s) got no answer from the "
+            f"labeler (errors or timeouts after every retry) in shard(s) {sorted(self.shards_failed)}; rerun the same "
+            f"command to retry them (complete shards are skipped)"
+        )
+
+
+class _TransientFailures(Exception):
+    """Raised at the end of a shard's rows so that ``write_shard`` discards the shard."""
+
+    def __init__(self, regions: int) -> None:
+        super().__init__(f"{regions} region(s) failed transiently")
+        self.regions = regions
 
 
 def units_fingerprint(keys: Sequence[str]) -> str:
@@ -230,7 +259,8 @@ def run_sharded(
     with the sharding, and compared on reruns. ``dam-data merge`` and ``stats`` read its keys
     ``source`` (the rows' source name, required), ``image_storage`` ("path" / "bytes") and
     ``image_root`` (the folder path-mode rows are relative to), so every stage records them. ``process`` must be deterministic for reruns to
-    reproduce rows; it may raise to stop the run (the shard in progress is left incomplete).
+    reproduce rows; it may raise to stop the run (the shard in progress is left incomplete), or
+    report transient failures in its results (the shard is not written, the run goes on).
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise DamInputError(f"shard_size must be an integer >= 1, got {shard_size!r}")
@@ -261,18 +291,33 @@ def run_sharded(
         for k in todo:
             start = time.monotonic()
             tally = Tally()
+            for path in (shard_file(out, k), report_file(out, k)):  # a run killed mid-write leaves its temp files
+                for stale in stale_temp_files(path):
+                    stale.unlink(missing_ok=True)
 
             def rows(indices: range) -> Any:
                 nonlocal done
+                failures = 0
                 for i in indices:
                     result = process(units[i])
                     tally.add(result.tally)
+                    failures += result.transient_failures
                     done += 1
                     bar.update(result.regions)
                     bar.set_postfix_str(f"unit {done}/{todo_units}, shard {k}", refresh=False)
                     yield from result.rows
+                if failures:  # every unit was asked (a full count for the log); the rows so far are discarded
+                    raise _TransientFailures(failures)
 
-            count = write_shard(rows(range(k * shard_size, min((k + 1) * shard_size, num_units))), shard_file(out, k))
+            try:
+                count = write_shard(rows(range(k * shard_size, min((k + 1) * shard_size, num_units))), shard_file(out, k))
+            except _TransientFailures as failed:
+                logger.warning(
+                    "shard %d: %d region(s) got no answer from the labeler (errors or timeouts after every retry); the shard "
+                    "is not written, so a rerun of the same command retries it", k, failed.regions,
+                )
+                summary.shards_failed[k] = failed.regions
+                continue
             tally.rows = count
             write_json_atomic(report_file(out, k), {
                 "shard": k, "units": [k * shard_size, min((k + 1) * shard_size, num_units)], "rows": count,
@@ -286,4 +331,6 @@ def run_sharded(
         "worker %s: %d rows in %d shards (%d written now, %d complete before) in %s", worker, summary.rows,
         len(mine), len(summary.shards_written), len(summary.shards_skipped), out,
     )
+    if summary.shards_failed:
+        logger.warning("worker %s: %s", worker, summary.retry_message())
     return summary

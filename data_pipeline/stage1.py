@@ -8,7 +8,9 @@ For each work unit of the source: the source's regions go through the filters
 each surviving region (in batches of ``batch_size``), and each caption becomes a
 ``dam.schema.image_row``. A region the labeler gives no caption for (refusal, error, empty) is
 not written; it is counted under filter "labeler" by its reason's key (the text before the first
-":", so "error: HTTP 500" counts as "error"). Each region's seed is
+":", so "error: HTTP 500" counts as "error"). A transient failure (a server that errored or timed
+out on every retry) also keeps the region's shard from being written, so rerunning the command
+asks again (:func:`read_answer`, :func:`data_pipeline.sharding.run_sharded`). Each region's seed is
 ``region_seed(config.seed, region.id)``, so a rerun asks the labeler the very same questions.
 
 Images are stored as configured by ``output.image_storage``:
@@ -36,7 +38,7 @@ from dam.configio import ConfigError, to_dict
 from dam.schema import image_row
 from data_pipeline.config import Stage1Config
 from data_pipeline.filters import load_filtered_unit
-from data_pipeline.labelers import Labeler, LabelRequest, OwnsLabeler, build_labeler, labeler_config
+from data_pipeline.labelers import Labeler, LabelRequest, LabelResult, OwnsLabeler, build_labeler, labeler_config
 from data_pipeline.seeds import region_seed
 from data_pipeline.sharding import RunSummary, UnitResult, Worker, run_sharded
 from data_pipeline.sources import Source, SkipLog, UnitSkipped, build_source
@@ -62,6 +64,23 @@ def make_labeler(section: dict[str, Any]) -> Labeler:
 def _reason_key(reason: str | None) -> str:
     key = (reason or "").split(":", 1)[0].strip()
     return key or "unknown"
+
+
+def read_answer(answer: LabelResult, what: str, result: UnitResult, log: SkipLog) -> tuple[str | None, str | None]:
+    """``(caption, None)`` from a labeler's answer, or ``(None, reason key)`` with the reason logged.
+
+    A transient failure is counted in ``result.transient_failures``: its shard is then left
+    unwritten, so a rerun asks for the region again instead of losing it. ``what`` names the
+    region in the log ("region 'coco/1/10'").
+    """
+    caption = answer.caption.strip() if isinstance(answer.caption, str) else ""
+    if caption:
+        return caption, None
+    reason = _reason_key(answer.reason) if answer.caption is None else "empty"
+    if answer.transient:
+        result.transient_failures += 1
+    log.warn(f"labeler:{reason}", f"no caption for {what}: {answer.reason or reason}")
+    return None, reason
 
 
 def _data_defining(value: Any) -> Any:
@@ -146,11 +165,9 @@ class Stage1Processor(OwnsLabeler):
             if len(answers) != len(requests):
                 raise RuntimeError(f"the labeler returned {len(answers)} results for {len(requests)} requests; it must return one per request")
             for region, answer in zip(batch, answers):
-                caption = answer.caption.strip() if isinstance(answer.caption, str) else None
-                if not caption:
-                    reason = _reason_key(answer.reason) if answer.caption is None else "empty"
+                caption, reason = read_answer(answer, f"region {region.id!r}", result, self.log)
+                if caption is None:
                     tally.reject(LABELER_FILTER, reason)
-                    self.log.warn(f"labeler:{reason}", f"no caption for region {region.id!r}: {answer.reason or reason}")
                     continue
                 tally.keep(LABELER_FILTER)
                 result.rows.append(image_row(region.id, stored, region.mask, caption, unit.source, region.category))

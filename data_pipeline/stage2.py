@@ -70,7 +70,7 @@ from data_pipeline.seeds import region_seed
 from data_pipeline.sharding import RunSummary, UnitResult, Worker, run_sharded
 from data_pipeline.sources import SkipLog, Source, UnitSkipped, WorkUnit, build_source
 from data_pipeline.sources.sa1b import Sa1bSource
-from data_pipeline.stage1 import LABELER_FILTER, _data_defining, _reason_key, image_root_of, make_labeler, stored_image
+from data_pipeline.stage1 import LABELER_FILTER, _data_defining, image_root_of, make_labeler, read_answer, stored_image
 from data_pipeline.tally import Tally
 
 logger = logging.getLogger(__name__)
@@ -256,14 +256,15 @@ class Stage2Processor(OwnsLabeler):
             tally.skip_unit(reason)
             self.log.warn(reason, str(exc))
             return result
-        chosen = self.select(unit, image, tally)
+        chosen = self.select(unit, image, result)
         result.regions = tally.kept("detector") + tally.rejected("detector")
         result.rows = [image_row(c.id, stored, c.mask, c.caption, unit.source, c.category) for c in chosen]  # type: ignore[arg-type]
         return result
 
-    def select(self, unit: WorkUnit, image: np.ndarray, tally: Tally) -> list[Candidate]:
-        """The funnel of one decoded image (see the module docstring): the candidates that become rows, best first."""
-        config, models = self.config, self.models
+    def select(self, unit: WorkUnit, image: np.ndarray, result: UnitResult) -> list[Candidate]:
+        """The funnel of one decoded image (see the module docstring): the candidates that become rows, best
+        first; counted in ``result`` (its tally, and its transient labeler failures)."""
+        config, models, tally = self.config, self.models, result.tally
         rejection, selection = config.rejection, config.selection
         found = models.detector.detect(image)
         tally.keep("detector", len(found))
@@ -299,12 +300,12 @@ class Stage2Processor(OwnsLabeler):
             match = config.partial
 
             def judged(c: Candidate) -> str | None:
-                verdict = judge_mask(c.mask, instances, match_iou=match.match_iou, min_inside=match.min_inside)  # type: ignore[arg-type]
+                verdict = judge_mask(c.mask, instances.masks, match_iou=match.match_iou, min_inside=match.min_inside)  # type: ignore[union-attr]
                 return partial_reason(verdict.verdict, match)
 
             candidates = funnel(tally, "partial", candidates, judged)
         candidates = self._shortlist(candidates, tally)
-        candidates = self._caption(unit, image, candidates, tally)
+        candidates = self._caption(unit, image, candidates, result)
         if models.siglip is not None:
             if candidates:
                 crops = [focal_crop(image, c.mask, config.siglip.alpha, config.siglip.min_size) for c in candidates]  # type: ignore[arg-type]
@@ -334,7 +335,7 @@ class Stage2Processor(OwnsLabeler):
 
         return funnel(tally, "shortlist", sorted(candidates, key=lambda c: (-c.prescore, c.index)), reason)
 
-    def _caption(self, unit: WorkUnit, image: np.ndarray, candidates: list[Candidate], tally: Tally) -> list[Candidate]:
+    def _caption(self, unit: WorkUnit, image: np.ndarray, candidates: list[Candidate], result: UnitResult) -> list[Candidate]:
         size = self.config.batch_size
         failed: dict[str, str] = {}  # candidate id -> rejection reason
         for start in range(0, len(candidates), size):
@@ -347,14 +348,12 @@ class Stage2Processor(OwnsLabeler):
             if len(answers) != len(requests):
                 raise RuntimeError(f"the labeler returned {len(answers)} results for {len(requests)} requests; it must return one per request")
             for candidate, answer in zip(batch, answers):
-                caption = answer.caption.strip() if isinstance(answer.caption, str) else ""
-                if caption:
+                caption, reason = read_answer(answer, f"region {candidate.id!r} of {unit.id!r}", result, self.log)
+                if caption is None:
+                    failed[candidate.id] = reason  # type: ignore[assignment]
+                else:
                     candidate.caption = caption
-                    continue
-                reason = _reason_key(answer.reason) if answer.caption is None else "empty"
-                failed[candidate.id] = reason
-                self.log.warn(f"labeler:{reason}", f"no caption for region {candidate.id!r} of {unit.id!r}: {answer.reason or reason}")
-        return funnel(tally, LABELER_FILTER, candidates, lambda c: failed.get(c.id))
+        return funnel(result.tally, LABELER_FILTER, candidates, lambda c: failed.get(c.id))
 
 
 def _absolute(path: str | None) -> str | None:

@@ -19,7 +19,8 @@ import numpy as np
 
 from dam.jsonio import read_json
 from dam.schema import shard_files
-from data_pipeline.merge import DATASET_MANIFEST, DATASET_REPORT
+from dam.schema import DATASET_MANIFEST
+from data_pipeline.merge import DATASET_REPORT
 from data_pipeline.sharding import RUN_MANIFEST, read_report
 from data_pipeline.tally import Tally
 

@@ -14,8 +14,10 @@ counted in the shard report:
 - ``partial`` (with ``partial.path``): the masklet is judged on ``partial.frames`` of its
   sampled frames against an instance model's instances (:func:`data_pipeline.rejection.judge_mask`,
   the same rule as stage 2); it is partial when at least ``min_partial_fraction`` of them are,
-  whole when any other is whole, else unmatched (kept unless ``unmatched: drop``). Instances
-  are computed once per video frame and shared by the masklets judged on it;
+  whole when any other is whole, else unmatched (kept unless ``unmatched: drop``). A whole
+  masklet takes as its category (SA-V has none) the class most of its whole frames matched
+  (ties: the earliest frame's), which the labeler's prompt and the row then carry, as in stages
+  1 and 2. Instances are computed once per video frame and shared by the masklets judged on it;
 - ``labeler``: a caption from a video DAM or a VLM over the frames
   (:mod:`data_pipeline.labelers.video`).
 
@@ -31,8 +33,10 @@ Sharding and resuming are :func:`data_pipeline.sharding.run_sharded`'s, as in st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,11 +52,11 @@ from data_pipeline.config import VideoStageConfig
 from data_pipeline.filters import load_filtered_unit
 from data_pipeline.labelers import Labeler, OwnsLabeler, VideoLabelRequest
 from data_pipeline.labelers.video import build_video_labeler, video_labeler_config
-from data_pipeline.rejection import InstanceSegmenter, judge_mask
+from data_pipeline.rejection import Instances, InstanceSegmenter, judge_mask
 from data_pipeline.seeds import region_seed
 from data_pipeline.sharding import RunSummary, UnitResult, Worker, run_sharded
 from data_pipeline.sources import Region, SkipLog, Source, WorkUnit, build_source
-from data_pipeline.stage1 import LABELER_FILTER, _data_defining, _reason_key, image_root_of, stored_image
+from data_pipeline.stage1 import LABELER_FILTER, _data_defining, image_root_of, read_answer, stored_image
 from data_pipeline.stage2 import partial_reason
 from data_pipeline.tally import Tally
 
@@ -113,7 +117,7 @@ class VideoStageProcessor(OwnsLabeler):
         if self.image_root is not None:
             stored = stored_image(unit.path, self.image_root)  # type: ignore[assignment]
         plans = [(region, masklet_frames(region, unit.meta["num_frames"], self.config.num_frames)) for region in regions]
-        instance_cache: dict[int, np.ndarray] = {}
+        instance_cache: dict[int, Instances] = {}
         size = self.config.batch_size
         for start in range(0, len(plans), size):
             batch = plans[start:start + size]
@@ -129,7 +133,7 @@ class VideoStageProcessor(OwnsLabeler):
                 items.append((region, indices, rles, [rle_to_mask(rle) for rle in rles]))
             if self.config.partial.path is not None:
                 items = self._drop_partial(items, frames, instance_cache, tally)
-            result.rows.extend(self._caption(unit, items, frames, stored, tally))
+            result.rows.extend(self._caption(unit, items, frames, stored, result))
         return result
 
     def _decode(self, unit: WorkUnit, indices: list[int]) -> dict[int, np.ndarray] | str:
@@ -151,38 +155,43 @@ class VideoStageProcessor(OwnsLabeler):
 
     def _drop_partial(
         self, items: list[tuple[Region, list[int], list[dict], list[np.ndarray]]], frames: dict[int, np.ndarray],
-        cache: dict[int, np.ndarray], tally: Tally,
+        cache: dict[int, Instances], tally: Tally,
     ) -> list[tuple[Region, list[int], list[dict], list[np.ndarray]]]:
+        """The items that are not partial objects (see the module docstring); whole ones named by their class."""
         model, config = self.instances, self.config.partial
         if model is None:
             return items
         kept = []
-        for item in items:
-            _, indices, _, masks = item
+        for region, indices, rles, masks in items:
             positions = sorted(set(np.rint(np.linspace(0, len(indices) - 1, config.frames)).astype(int).tolist()))
-            verdicts = []
+            verdicts, classes = [], []
             for position in positions:
                 frame = indices[position]
                 if frame not in cache:
                     cache[frame] = model.instances(frames[frame])
-                judgement = judge_mask(masks[position], cache[frame], match_iou=config.match_iou, min_inside=config.min_inside)
+                judgement = judge_mask(masks[position], cache[frame].masks, match_iou=config.match_iou, min_inside=config.min_inside)
                 verdicts.append(judgement.verdict)
+                if judgement.verdict == "whole":
+                    classes.append(cache[frame].labels[judgement.instance])  # type: ignore[index]
             if verdicts.count("partial") >= config.min_partial_fraction * len(verdicts):
                 verdict = "partial"
             else:
                 verdict = "whole" if "whole" in verdicts else "unmatched"
             reason = partial_reason(verdict, config)
-            if reason is None:
-                kept.append(item)
-            else:
+            if reason is not None:
                 tally.reject("partial", reason)
+                continue
+            if verdict == "whole" and region.category is None:
+                region = dataclasses.replace(region, category=Counter(classes).most_common(1)[0][0])
+            kept.append((region, indices, rles, masks))
         tally.keep("partial", len(kept))
         return kept
 
     def _caption(
         self, unit: WorkUnit, items: list[tuple[Region, list[int], list[dict], list[np.ndarray]]],
-        frames: dict[int, np.ndarray], stored: str | None, tally: Tally,
+        frames: dict[int, np.ndarray], stored: str | None, result: UnitResult,
     ) -> list[dict]:
+        tally = result.tally
         if not items:
             tally.keep(LABELER_FILTER, 0)
             return []
@@ -197,11 +206,9 @@ class VideoStageProcessor(OwnsLabeler):
             raise RuntimeError(f"the labeler returned {len(answers)} results for {len(requests)} requests; it must return one per request")
         rows = []
         for (region, indices, rles, _), answer in zip(items, answers):
-            caption = answer.caption.strip() if isinstance(answer.caption, str) else ""
-            if not caption:
-                reason = _reason_key(answer.reason) if answer.caption is None else "empty"
+            caption, reason = read_answer(answer, f"masklet {region.id!r}", result, self.log)
+            if caption is None:
                 tally.reject(LABELER_FILTER, reason)
-                self.log.warn(f"labeler:{reason}", f"no caption for masklet {region.id!r}: {answer.reason or reason}")
                 continue
             tally.keep(LABELER_FILTER)
             if stored is None:

@@ -158,6 +158,20 @@ def test_clean_caption_options_and_truncation():
         CleaningConfig(min_words=0)
 
 
+def test_repetition_thresholds_are_configurable():
+    loop = "A small cat sat on a red mat and " + "the cat sat on the mat and " * 5 + "it purred."  # 44 trigrams, 34% distinct
+    assert clean_caption(loop).reason == "repetition"
+    assert clean_caption(loop, CleaningConfig(repetition_min_trigrams=45)).caption is not None  # too short to be checked
+    assert clean_caption(loop, CleaningConfig(repetition_max_unique=0.3)).caption is not None  # 34% distinct is enough
+    assert clean_caption(loop, CleaningConfig(repetition_min_trigrams=44, repetition_max_unique=0.35)).reason == "repetition"
+    with pytest.raises(DamInputError, match="repetition_min_trigrams"):
+        CleaningConfig(repetition_min_trigrams=0)
+    with pytest.raises(DamInputError, match="repetition_max_unique"):
+        CleaningConfig(repetition_max_unique=1.5)
+    section = {"type": "openai", "base_url": "http://localhost:8000/v1", "cleaning": {"repetition_max_unique": 0.3}}
+    assert labeler_config(section).cleaning.repetition_max_unique == 0.3  # a YAML key of the labeler section
+
+
 # ---- prompts ---------------------------------------------------------------------------------
 
 
@@ -291,9 +305,11 @@ def test_openai_permanent_failures_become_results_and_the_rest_succeed():
             results = dict(zip(cats, labeler.label(requests)))
         calls = dict(server.calls_by_category)
     assert results["dog"].caption and results["cat"].caption
-    assert results["broken"] == LabelResult(None, "error: HTTP 500: injected failure")
-    assert results["slow"] == LabelResult(None, "timeout")
+    # 5xx and timeouts may pass on a later run (transient); a 400 rejects this very request.
+    assert results["broken"] == LabelResult(None, "error: HTTP 500: injected failure", transient=True)
+    assert results["slow"] == LabelResult(None, "timeout", transient=True)
     assert results["huge"] == LabelResult(None, "error: HTTP 400: image too large")
+    assert not any(results[name].transient for name in ("huge", "shy", "mute", "dog"))
     assert results["shy"] == LabelResult(None, "refusal")
     assert results["mute"] == LabelResult(None, "empty")
     # 5xx and timeouts: max_attempts tries; 400: not retried; rejections: asked 1 + rejection_retries times.

@@ -246,3 +246,49 @@ def test_cli_with_the_openai_labeler_end_to_end(coco, tmp_path, capsys):
     assert _pairs(tmp_path / "a", tmp_path) == _pairs(tmp_path / "b", tmp_path)
     report = json.loads(report_file(tmp_path / "a", 0).read_text())
     assert report["tally"]["filters"]["labeler"] == {"kept": 3, "rejected": {"refusal": 1}}  # shard 0: images 1 and 2
+
+
+def test_transient_labeler_failures_leave_the_shard_for_a_rerun(coco, tmp_path, capsys):
+    """HTTP 500 on every retry for one region: its shard is not written (nor its other regions' rows), the
+    command exits non-zero saying to rerun, and the rerun against a healthy server completes the run exactly."""
+    from tests.fake_labeler import FakeLabelerServer
+
+    fast = ["labeler.backoff_s=0.01", "labeler.max_backoff_s=0.05", "labeler.max_attempts=2", "labeler.rejection_retries=0"]
+    with FakeLabelerServer(categories=["dog", "cat", "dog:ear"]) as server:
+        assert _cli(coco, tmp_path / "reference", f"labeler.base_url={server.base_url}", *fast) == 0
+    out = tmp_path / "out"
+    with FakeLabelerServer(categories=["cat", "dog:ear"], fail_categories=["dog"]) as server:  # "dog": coco/1/11 only
+        assert _cli(coco, out, f"labeler.base_url={server.base_url}", *fast) == 1
+    captured = capsys.readouterr()
+    assert "1 shard(s) of" in captured.err and "1 region(s) got no answer" in captured.err
+    assert "rerun the same command to retry them" in captured.err and "0 complete before" in captured.out
+    failed = [k for k in range(3) if not report_file(out, k).exists()]
+    assert len(failed) == 1 and sorted(_reports(out)) == sorted({0, 1, 2} - set(failed))
+    assert not shard_file(out, failed[0]).exists() and not list(out.glob(".*.tmp"))  # no rows of its other regions
+    with FakeLabelerServer(categories=["dog", "cat", "dog:ear"]) as server:
+        assert _cli(coco, out, f"labeler.base_url={server.base_url}", *fast) == 0
+        calls = server.calls
+    assert "2 complete before" in capsys.readouterr().out
+    reference = _reports(tmp_path / "reference")[failed[0]]["tally"]
+    asked = reference["filters"]["labeler"]["kept"] + sum(reference["filters"]["labeler"]["rejected"].values())
+    assert calls == asked == 4  # only the failed shard's regions (images 1 and 2) are asked again
+    assert _pairs(out, tmp_path) == _pairs(tmp_path / "reference", tmp_path)
+    assert _reports(out)[failed[0]]["tally"] == reference
+
+
+def test_stale_temp_files_of_a_hard_kill_are_removed_when_the_shard_is_redone(coco, tmp_path):
+    out = tmp_path / "out"
+    run_stage1(coco_config(coco, out), labeler=DeterministicLabeler(), progress=False)
+    report_file(out, 2).unlink()  # shard 2 killed (SIGKILL: no cleanup) while writing
+    stale = [out / f".{shard_file(out, 2).name}.0123abcd.tmp", out / f".{report_file(out, 2).name}.x1y2.tmp"]
+    done = out / f".{shard_file(out, 1).name}.4567.tmp"  # another shard's: left to that shard's own redo
+    for path in (*stale, done):
+        path.write_bytes(b"half a file")
+    assert run_stage1(coco_config(coco, out), labeler=DeterministicLabeler(), progress=False).shards_written == [2]
+    assert not any(path.exists() for path in stale) and done.exists()
+
+
+def test_missing_config_file_points_to_the_data_configs(tmp_path, capsys):
+    assert main(["stage1", "--config", str(tmp_path / "absent.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "(see configs/data/)" in err and "configs/train" not in err

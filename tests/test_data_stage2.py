@@ -198,18 +198,25 @@ class Spy:
 
     def __init__(self, models: Stage2Models, monkeypatch) -> None:
         self.detector: list[float] = []
+        self.found: list[int] = []  # per image: boxes after NMS, before max_detections
         self.sam: list[float] = []
+        self.areas: list[int] = []  # non-empty masks only (empty ones are "empty_mask", not "too_small")
+        self.fractions: list[float] = []  # mask area / image area
         self.siglip: list[float] = []
         detect, segment, scores = models.detector.detect, models.segmenter.segment, models.siglip.scores
 
         def spy_detect(image):
             found = detect(image)
             self.detector.extend(found.scores.tolist())
+            self.found.append(len(found) + found.over_cap)
             return found
 
         def spy_segment(image, boxes):
             masks, ious = segment(image, boxes)
             self.sam.extend(ious.tolist())
+            areas = [int(np.count_nonzero(mask)) for mask in masks]
+            self.areas.extend(area for area in areas if area)
+            self.fractions.extend(area / (image.shape[0] * image.shape[1]) for area in areas)
             return masks, ious
 
         def spy_scores(crops, texts):
@@ -257,30 +264,70 @@ def test_rows_load_as_training_data_and_follow_the_two_per_image_rule(model_path
     assert stats["rows"] == len(rows)
 
 
-@pytest.mark.parametrize("filter_name, section, key, reason", [
-    ("detector_score", "rejection", "min_detector_score", "low_detector_score"),
-    ("sam_iou", "rejection", "min_sam_iou", "low_sam_iou"),
-    ("siglip", "rejection", "min_siglip_score", "low_siglip_score"),
+@pytest.mark.parametrize("filter_name, key, reason", [
+    ("detector_score", "min_detector_score", "low_detector_score"),
+    ("sam_iou", "min_sam_iou", "low_sam_iou"),
+    ("siglip", "min_siglip_score", "low_siglip_score"),
+    ("mask", "min_mask_area", "too_small"),
+    ("mask", "max_mask_fraction", "too_large"),
 ])
-def test_each_threshold_removes_rows_and_counts_them(model_paths, images, tmp_path, monkeypatch, filter_name, section, key, reason):
+def test_each_threshold_removes_rows_and_counts_them(model_paths, images, tmp_path, monkeypatch, filter_name, key, reason):
     # No spares (shortlist == max_per_image) and no overlap rule, so every candidate a threshold removes is a row lost.
     exact = {"selection": {"shortlist": 2, "max_mask_overlap": 1.0}}
     config = permissive(model_paths, images, tmp_path / "base", **exact)
     models = load_models(config)
     spy = Spy(models, monkeypatch)
     base = run_stage2(config, labeler=DeterministicLabeler(), models=models, progress=False)
-    observed = {"detector_score": spy.detector, "sam_iou": spy.sam, "siglip": spy.siglip}[filter_name]
+    observed = {"min_detector_score": spy.detector, "min_sam_iou": spy.sam, "min_siglip_score": spy.siglip,
+                "min_mask_area": spy.areas, "max_mask_fraction": spy.fractions}[key]
     assert base.rows > 1 and len(set(observed)) > 1
-    for threshold in (float(np.median(observed)), max(observed)):
+    others = {k: v for k, v in base.tally.to_json()["filters"].get(filter_name, {"rejected": {}})["rejected"].items() if k != reason}
+    values = sorted(set(observed))
+    if key == "max_mask_fraction":  # an upper bound: between observed values, so float rounding of area vs fraction cannot matter
+        thresholds = [(values[len(values) // 2 - 1] + values[len(values) // 2]) / 2, (values[0] + values[1]) / 2]
+    else:
+        thresholds = [float(np.median(observed)), max(observed)]
+    for threshold in thresholds:
         out = tmp_path / f"t{threshold}"
-        config = permissive(model_paths, images, out, **exact, **{section: {key: threshold}})
+        config = permissive(model_paths, images, out, **exact, rejection={key: threshold})
         summary = run_stage2(config, labeler=DeterministicLabeler(), models=load_models(config), progress=False)
         tally = summary.tally.to_json()
-        below = sum(value < threshold for value in observed)
-        assert tally["filters"][filter_name]["rejected"] == {reason: below} and below > 0
+        hit = sum(value > threshold if key == "max_mask_fraction" else value < threshold for value in observed)
+        assert tally["filters"][filter_name]["rejected"] == {**others, reason: hit} and hit > 0
         assert summary.rows <= base.rows
         assert_funnel(tally)
     assert summary.rows < base.rows  # only the best candidate(s) reach the rows
+
+
+def overlapping_boxes(models: Stage2Models) -> Stage2Models:
+    """The tiny OWLv2 with its boxes grown past their patches, so that neighbours overlap and NMS has work."""
+    with torch.no_grad():
+        models.detector.model.box_head.dense2.bias[2:] = 1.5  # logits of width and height
+    return models
+
+
+@pytest.mark.parametrize("key, value", [("min_score", "median"), ("nms_iou", 0.1), ("max_detections", 2)])
+def test_detector_thresholds_change_the_candidates(model_paths, images, tmp_path, monkeypatch, key, value):
+    exact = {"selection": {"shortlist": 2, "max_mask_overlap": 1.0}}
+    config = permissive(model_paths, images, tmp_path / "base", **exact, detector={"max_detections": 100})
+    models = overlapping_boxes(load_models(config))
+    spy = Spy(models, monkeypatch)
+    base = run_stage2(config, labeler=DeterministicLabeler(), models=models, progress=False)
+    found = base.tally.to_json()["filters"]["detector"]
+    assert found["rejected"] == {} and found["kept"] == len(spy.detector) == sum(spy.found)
+    threshold = float(np.median(spy.detector)) if value == "median" else value
+    config = permissive(model_paths, images, tmp_path / "t", **exact, detector={"max_detections": 100, key: threshold})
+    summary = run_stage2(config, labeler=DeterministicLabeler(), models=overlapping_boxes(load_models(config)), progress=False)
+    tally = summary.tally.to_json()
+    detector = tally["filters"]["detector"]
+    if key == "min_score":  # NMS suppresses only by better boxes, which pass too: the boxes scoring >= the threshold remain
+        assert detector == {"kept": sum(score >= threshold for score in spy.detector), "rejected": {}}
+    elif key == "nms_iou":
+        assert detector["rejected"] == {} and 0 < detector["kept"] < found["kept"]
+    else:  # the best max_detections per image are kept, the others counted
+        assert detector == {"kept": sum(min(n, 2) for n in spy.found), "rejected": {"over_max_detections": sum(max(0, n - 2) for n in spy.found)}}
+    assert 0 < detector["kept"] < found["kept"] and summary.rows <= base.rows
+    assert_funnel(tally)
 
 
 def test_partial_masks_are_dropped_and_counted(model_paths, images, tmp_path):
@@ -291,7 +338,8 @@ def test_partial_masks_are_dropped_and_counted(model_paths, images, tmp_path):
     # match_iou 1 (nothing is whole) and min_inside 0: every mask touching an instance is "a part" of it.
     assert partial["rejected"].get("partial", 0) > 0
     instances = models.instances.instances(rgb(H, W, 3))
-    assert instances.dtype == bool and instances.shape[1:] == (H, W)
+    assert instances.masks.dtype == bool and instances.masks.shape[1:] == (H, W)
+    assert len(instances.labels) == len(instances) and set(instances.labels) <= {"person", "dog", "wall"}
     dropped = permissive(model_paths, images, tmp_path / "drop", partial={"min_inside": 1.0, "match_iou": 1.0, "unmatched": "drop"})
     tally = run_stage2(dropped, labeler=DeterministicLabeler(), models=load_models(dropped), progress=False).tally.to_json()
     assert tally["filters"]["partial"]["kept"] == 0 and tally["rows"] == 0  # nothing whole: all partial or unmatched
@@ -445,6 +493,7 @@ def test_instance_model_leaves_out_ignored_classes(model_paths):
     # The random model finds "person" and "dog" instances here (a panoptic model would list "wall", "sky", ...).
     no_dogs = InstanceSegmenter.from_config(PartialConfig(path=str(model_paths["m2f"]), threshold=0.0, ignore_labels=["dog"]), "cpu")
     assert 0 < len(no_dogs.instances(image)) < len(every.instances(image))
+    assert "dog" in every.instances(image).labels and "dog" not in no_dogs.instances(image).labels
     with pytest.raises(ConfigError, match=r"partial\.ignore_labels: \['sky'\] are not classes"):
         InstanceSegmenter.from_config(PartialConfig(path=str(model_paths["m2f"]), ignore_labels=["sky"]), "cpu")
 

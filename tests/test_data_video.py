@@ -19,6 +19,7 @@ from dam.masks import rle_to_mask  # noqa: E402
 from dam.schema import decode_row, load_dataset_dir  # noqa: E402
 from dam.video import read_video_frames, sample_masklet_frames  # noqa: E402
 from data_pipeline.config import FilterConfig, OutputConfig, SourceConfig, VideoPartialConfig, VideoStageConfig  # noqa: E402
+from data_pipeline.rejection import Instances  # noqa: E402
 from data_pipeline.video_stage import run_video_stage  # noqa: E402
 
 H, W, FRAMES = 32, 64, 33  # SA-V annotates every 4th frame: 0, 4, ..., 32 (decord 0.6 misreads 48-px-wide batches)
@@ -214,8 +215,43 @@ def test_video_dam_labels_masklets_from_their_frames(sav, tmp_path):
 class WholeFrame:
     """An instance model that sees one object filling every frame: each masklet is a small part of it."""
 
-    def instances(self, image: np.ndarray) -> np.ndarray:
-        return np.ones((1, *image.shape[:2]), bool)
+    def instances(self, image: np.ndarray) -> Instances:
+        return Instances(np.ones((1, *image.shape[:2]), bool), ["wall"])
+
+
+class Halves:
+    """An instance model seeing two objects: the left half ("dog" in the first frame of a video, "cat" in
+    the others) and the right half ("car")."""
+
+    def __init__(self, first_frames: list[np.ndarray]) -> None:
+        self.first_frames = first_frames
+
+    def instances(self, image: np.ndarray) -> Instances:
+        left = np.zeros(image.shape[:2], bool)
+        left[:, : image.shape[1] // 2] = True
+        first = any(np.array_equal(image, frame) for frame in self.first_frames)
+        return Instances(np.stack([left, ~left]), ["dog" if first else "cat", "car"])
+
+
+def test_whole_masklets_take_the_majority_class_of_their_judged_frames(sav, tmp_path):
+    root, _ = sav
+    first_frames = [read_video_frames(root / f"{video}.mp4", [0])[0] for video in ("sav_000001", "sav_000004")]
+    config = video_config(root, tmp_path / "out", **{"partial.path": "halves-model", "partial.match_iou": 0.05, "partial.min_inside": 1.0})
+    labeler = DeterministicLabeler()
+    summary = run_video_stage(config, labeler=labeler, instances=Halves(first_frames), progress=False)
+    assert summary.tally.to_json()["filters"]["partial"] == {"kept": 4, "rejected": {}}
+    # Masklet 0 stays in the left half and is judged on video frames 0, 20, 32 (dog, cat, cat): "cat", not the
+    # first frame's "dog". Masklet 1 lies mostly in the right half: "car".
+    expected = {i: "cat" if i.endswith("/0") else "car" for i in KEPT}
+    assert {r.region_id: r.category for r in labeler.requests} == expected  # the labeler's prompt names it
+    rows = rows_of(tmp_path / "out", tmp_path)
+    assert {r["id"]: r["category"] for r in rows} == expected
+    assert all(r["caption"].startswith(f"A {expected[r['id']]} (") for r in rows)
+    unnamed = video_config(root, tmp_path / "unnamed", **{"partial.path": "halves-model", "partial.match_iou": 1.0,
+                                                          "partial.min_inside": 1.0})
+    labeler = DeterministicLabeler()
+    run_video_stage(unnamed, labeler=labeler, instances=Halves(first_frames), progress=False)
+    assert {r.category for r in labeler.requests} == {None}  # kept unmatched ("unmatched: keep"): no class to give
 
 
 def test_partial_masklets_are_dropped(sav, tmp_path, monkeypatch):
@@ -268,3 +304,25 @@ def test_cli_video_with_the_placeholder_labeler(sav, tmp_path, capsys):
     assert "labeler.type 'transformers' cannot caption videos" in capsys.readouterr().err
     assert main([*argv, "source.type=sa1b"]) == 2
     assert "source.type must be 'sav' for the video stage" in capsys.readouterr().err
+
+
+def test_a_masklet_the_labeler_timed_out_on_is_retried_by_a_rerun(sav, tmp_path):
+    """The video stage shares stage 1's rule: a transient labeler failure leaves its shard for the rerun."""
+    from data_pipeline.labelers import LabelResult
+
+    class TimesOut(DeterministicLabeler):
+        def label(self, requests):
+            return [LabelResult(None, "timeout", transient=True) if r.region_id == KEPT[2] else answer
+                    for r, answer in zip(requests, super().label(requests))]
+
+    root, _ = sav
+    run_video_stage(video_config(root, tmp_path / "reference", **{"output.shard_size": 1}), labeler=DeterministicLabeler(), progress=False)
+    config = video_config(root, tmp_path / "out", **{"output.shard_size": 1})
+    first = run_video_stage(config, labeler=TimesOut(), progress=False)
+    assert list(first.shards_failed.values()) == [1] and "rerun the same command" in first.retry_message()
+    labeler = DeterministicLabeler()
+    second = run_video_stage(config, labeler=labeler, progress=False)
+    assert second.shards_written == list(first.shards_failed) and second.shards_failed == {}
+    assert sorted(r.region_id for r in labeler.requests) == KEPT[2:]  # only sav_000004's masklets are asked again
+    key = lambda r: (r["id"], r["caption"], r["frame_indices"])  # noqa: E731
+    assert [key(r) for r in rows_of(tmp_path / "out", tmp_path)] == [key(r) for r in rows_of(tmp_path / "reference", tmp_path)]

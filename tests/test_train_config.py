@@ -125,7 +125,7 @@ def test_a_valid_config_validates() -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_train_configs_match_the_schema(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # their deepspeed paths are relative to the repository
-    config = from_dict(TrainConfig, read_yaml(path))
+    config = from_dict(TrainConfig, read_yaml(path, "configs/train/"))
     if not (config.model.checkpoint or config.model.vision):  # tiny_cpu.yaml leaves these to the command line
         config.model.checkpoint = "ckpt"
     config.data.datasets = config.data.datasets or [DatasetConfig("data")]

@@ -53,7 +53,8 @@ class DatasetConfig:
     weight: float = 1.0
     """Share of each epoch: rows repeat `weight` times (fractions take a seeded random subset)."""
     root: str | None = None
-    """Folder that relative image/video paths are resolved against (default: the dataset's folder)."""
+    """Folder that relative image/video paths are resolved against (default: the `image_root` in the
+    dataset folder's manifest.json when `dam-data merge` wrote one, else the dataset's folder)."""
 
 
 @dataclass
@@ -172,5 +173,5 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """The TrainConfig of a YAML file (None: defaults) with `key.sub=value` overrides applied."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(path, "configs/train/") if path is not None else {}
     return from_dict(TrainConfig, apply_overrides(data, list(overrides or []))).validate()

@@ -7,6 +7,9 @@
 - Items are addressed by `epoch * len(dataset) + position` (the sampler emits these keys), so
   the augmentation of an item depends only on (seed, epoch, position): a resumed run sees the
   very same prompts in the very same order as an uninterrupted one.
+- Relative image/video paths resolve against the dataset's `root`; unset, against the
+  `image_root` a `dam-data merge` recorded in the dataset folder's manifest.json (where the
+  pipeline's path-mode rows are relative to), else the dataset's folder.
 - A corrupt row (missing file, undecodable image, bad mask) is replaced by the next usable one
   and counted in the batch (`num_corrupt_rows`), never fatal; every dataset is probed at start
   so that a wrong `root` or path stops the run at once instead of skipping everything.
@@ -27,12 +30,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from dam.configio import ConfigError
+from dam.errors import DamInputError
+from dam.jsonio import read_json
 from dam.processing import IGNORE_INDEX, DamProcessor
-from dam.schema import CorruptRowError, DecodedRow, decode_row, load_dataset_dir
+from dam.schema import DATASET_MANIFEST, CorruptRowError, DecodedRow, decode_row, load_dataset_dir
 from dam.video import sample_masklet_frames
 from train.augment import PromptAugmentation
 from train.config import DataConfig, DatasetConfig
-from dam.configio import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +61,33 @@ def _load_source(spec: DatasetConfig, index: int) -> _Source:
         raise ConfigError(f"{key}.path: {error}") from None
     if len(rows) == 0:
         raise ConfigError(f"{key}.path: {spec.path!r} holds no rows")
+    if spec.root:
+        root = Path(spec.root)
+        if not root.is_dir():
+            raise ConfigError(f"{key}.root: {spec.root!r} is not a folder")
+        return _Source(rows, root, key)
     path = Path(spec.path)
-    root = Path(spec.root) if spec.root else (path if path.is_dir() else path.parent)
-    if spec.root and not root.is_dir():
-        raise ConfigError(f"{key}.root: {spec.root!r} is not a folder")
-    return _Source(rows, root, key)
+    return _Source(rows, _manifest_root(path, key) or (path if path.is_dir() else path.parent), key)
+
+
+def _manifest_root(path: Path, key: str) -> Path | None:
+    """The ``image_root`` of a merged dataset folder's manifest.json (None: no manifest, or bytes-mode rows)."""
+    manifest = path / DATASET_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        image_root = read_json(manifest, "dataset manifest").get("image_root")
+    except (DamInputError, AttributeError) as error:
+        raise ConfigError(f"{key}.path: {str(manifest)!r} is unreadable ({error}); fix it, or set {key}.root") from None
+    if image_root is None:
+        return None
+    if not Path(image_root).is_dir():
+        raise ConfigError(
+            f"{key}.root is unset and the image_root {image_root!r} recorded in {str(manifest)!r} is not a folder (images "
+            f"moved?); set {key}.root to the folder the rows' image paths are relative to"
+        )
+    logger.info("%s: relative image paths resolve against %s (image_root of %s)", key, image_root, manifest)
+    return Path(image_root)
 
 
 def _mixture(sizes: Sequence[int], weights: Sequence[float], seed: int) -> np.ndarray:

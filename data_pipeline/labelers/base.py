@@ -2,7 +2,8 @@
 
 A labeler turns regions (``LabelRequest``: image, mask, category, seed) into cleaned captions
 (``LabelResult``). It never raises for one bad region: a region it could not label gets
-``LabelResult(None, reason)`` and the others go on. Errors that would hit every region (an
+``LabelResult(None, reason)`` (``transient=True`` when asking again later may succeed) and the
+others go on. Errors that would hit every region (an
 unreachable server, a model that cannot be loaded, a bad config) raise ``DamInputError``.
 
 ``label_in_rounds`` is the loop of the batched local labelers: generate for all pending
@@ -77,6 +78,11 @@ class LabelResult:
 
     caption: str | None
     reason: str | None  # why None: "error: <short>", "timeout", "refusal", "empty", "self_reference", "repetition"
+    transient: bool = False
+    """The failure may not happen again (a server that errored or timed out on every attempt): the
+    stage leaves the region's shard unwritten so a rerun asks again. False for final answers
+    (refusals, cleaning rejections) and for errors the same request would meet again (an empty
+    mask, an HTTP 400 rejection, out of memory on a single region)."""
 
 
 @runtime_checkable
@@ -108,12 +114,12 @@ class VlmLabelerConfig:
     """Times a refused / empty / self-referencing answer is asked again with the next prompt variant."""
 
 
-def error_result(detail: str) -> LabelResult:
-    """``LabelResult(None, "error: <detail>")`` with the detail on one short line."""
+def error_result(detail: str, transient: bool = False) -> LabelResult:
+    """``LabelResult(None, "error: <detail>", transient)`` with the detail on one short line."""
     text = " ".join(str(detail).split())
     if len(text) > _MAX_ERROR_CHARS:
         text = text[: _MAX_ERROR_CHARS - 3] + "..."
-    return LabelResult(None, f"error: {text}")
+    return LabelResult(None, f"error: {text}", transient)
 
 
 def check_request(request: LabelRequest) -> str | None:

@@ -25,7 +25,8 @@ from data_pipeline.cleaning import CleaningConfig
 from data_pipeline.labelers.base import (
     Generated, LabelRequest, LabelResult, VideoLabelRequest, label_in_rounds, split_on_oom,
 )
-from data_pipeline.labelers.transformers_vlm import batch_seed, resolve_device, resolve_dtype
+from data_pipeline.devices import resolve_device
+from data_pipeline.labelers.transformers_vlm import batch_seed, resolve_dtype
 from data_pipeline.prompts import normalize_category
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class DamLabelerConfig:
     path: str
     """Folder of a DAM checkpoint (save_pretrained, or a released NVlabs layout)."""
     device: str | None = None
-    """torch device; null: cuda if available, else cpu."""
+    """torch device; null: this process's GPU (cuda:LOCAL_RANK, data_pipeline.devices) if CUDA is available, else cpu."""
     dtype: str | None = None
     """float32, bfloat16 or float16; null: as stored."""
     batch_size: int = 32
@@ -74,7 +75,7 @@ class DamLabeler:
 
         self.config = config
         self.describer = DescribeAnything.from_pretrained(
-            config.path, device=resolve_device(config.device), dtype=config.dtype
+            config.path, device=resolve_device(config.device, "labeler.device"), dtype=config.dtype
         )
         if config.rejection_retries and config.temperature == 0:
             logger.warning("dam labeler: rejection_retries without sampling (temperature 0) repeats the same answer")

@@ -6,7 +6,8 @@ part (a prompt variant chosen by the region's seed, with its category). Requests
 asyncio with at most ``concurrency`` in flight, each with a total deadline of ``timeout_s``;
 429, 5xx, timeouts and dropped connections are retried ``max_attempts`` times in all with
 exponential backoff and jitter, then the region gets ``LabelResult(None, "timeout")`` or
-``LabelResult(None, "error: ...")``. A 400-class rejection of one request (an image the server
+``LabelResult(None, "error: ...")``, both ``transient`` (the stage leaves its shard for a rerun
+to retry). A 400-class rejection of one request (an image the server
 will not take, a prompt too long) is that region's error, not retried. Answers are cleaned
 (:mod:`data_pipeline.cleaning`) and a rejected one (refusal, empty, self-reference) is asked
 again with the next prompt variant, ``rejection_retries`` times.
@@ -362,9 +363,10 @@ class OpenAILabeler:
                 f"(finished regions are kept)"
             )
         logger.warning("region %s: giving up after %d attempts (%s)", request.region_id, config.max_attempts, failure.reason)
+        # Timeouts, 5xx and 429 may pass: the stage keeps this region's shard unwritten so a rerun asks again.
         if failure.reason == "timeout":
-            return LabelResult(None, "timeout")
-        return error_result(failure.reason.removeprefix("error: "))
+            return LabelResult(None, "timeout", transient=True)
+        return error_result(failure.reason.removeprefix("error: "), transient=True)
 
     async def _attempt(self, kwargs: dict[str, Any]) -> Generated:
         openai = self._openai

@@ -33,12 +33,13 @@ from data_pipeline.labelers.base import (
     label_in_rounds,
     split_on_oom,
 )
+from data_pipeline.devices import resolve_device
 from data_pipeline.prompts import PROMPT_VARIANTS, build_prompt, check_templates
 from data_pipeline.views import describe_views, render_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TransformersLabelerConfig", "TransformersLabeler", "resolve_device", "resolve_dtype", "batch_seed"]
+__all__ = ["TransformersLabelerConfig", "TransformersLabeler", "resolve_dtype", "batch_seed"]
 
 
 @dataclass(kw_only=True)
@@ -48,7 +49,7 @@ class TransformersLabelerConfig(VlmLabelerConfig):
     path: str
     """Local folder of a transformers image-text-to-text model (config, weights, processor)."""
     device: str | None = None
-    """torch device; null: cuda if available, else cpu."""
+    """torch device; null: this process's GPU (cuda:LOCAL_RANK, data_pipeline.devices) if CUDA is available, else cpu."""
     dtype: str = "auto"
     """auto (the checkpoint's), float32, bfloat16 or float16."""
     batch_size: int = 8
@@ -71,16 +72,6 @@ class TransformersLabelerConfig(VlmLabelerConfig):
         resolve_dtype(self.dtype)
         if self.prompts is not None:
             check_templates(self.prompts)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``device`` as a torch.device; None: cuda when available, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise DamInputError(f"labeler.device {device!r} is not a torch device (use cpu, cuda or cuda:N)") from None
 
 
 def resolve_dtype(dtype: str | None) -> torch.dtype | str | None:
@@ -112,7 +103,7 @@ class TransformersLabeler:
                 f"labeler.path {config.path!r} is not a transformers model folder (no config.json); pass the local "
                 f"folder of an image-text-to-text model (e.g. a downloaded Qwen2.5-VL)"
             )
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, "labeler.device")
         load: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
         try:
             self.processor = AutoProcessor.from_pretrained(path, **load)

@@ -5,8 +5,9 @@ COCO RLE, annotated frame t being video frame 4 t (``dam.video.sav_masklet_to_fr
 plus per-video ``video_*`` fields and per-object ``masklet_*`` lists (``masklet_id``,
 ``masklet_size_bucket``, ``masklet_stability_score``...). One work unit per mp4 (every
 ``*.mp4`` under the folder, ordered by relative path); one region per object of each wanted
-masklet type, id "{name}/{video_id}/{type}/{masklet_id}", category None, with
-``frame_masks`` {video frame: RLE} and the object's ``masklet_*`` values in ``extra``.
+masklet type, id "{name}/{video_id}/{type}/{masklet_id}", category None (SA-V has no classes;
+the video stage's partial filter names whole masklets), with ``frame_masks`` {video frame: RLE}
+and the object's ``masklet_*`` values in ``extra``.
 
 Unusable inputs are counted and skipped: a video that cannot be opened or a truncated JSON
 skips the unit; a masklet with a bad RLE, or longer than the video, skips that object.
