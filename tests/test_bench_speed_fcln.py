@@ -15,12 +15,7 @@ SMALL = ["--backbone", "tiny", "--device", "cpu", "--width", "192", "--height", 
          "--warmup", "1", "--iterations", "2"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_speed_fcln_prints_timings_breakdown_and_ratio(tmp_path, capsys) -> None:

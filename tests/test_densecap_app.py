@@ -54,13 +54,7 @@ SHAPE_WORDS = sorted({word for values in VOCABULARY.values() for value in values
 GREEDY = dict(max_new_tokens=12, do_sample=False)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models on a shared 2-core CPU: one thread avoids contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_shapes_fcln(seed: int = 0, lstm_layers: int = 1) -> FclnModel:

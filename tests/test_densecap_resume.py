@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -44,13 +43,7 @@ from dam.shapes import scene
 from tests.test_densecap_app import GREEDY, tiny_shapes_fcln
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models on a shared 2-core CPU: one thread avoids contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

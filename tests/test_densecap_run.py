@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import bench.densecap
 from bench.cli import main as dam_bench
@@ -30,12 +29,7 @@ from tests.test_densecap_app import tiny_shapes_fcln
 PRED_KEYS = {"image_id", "box", "score", "caption"}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -32,14 +32,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 WORDS = ["red", "green", "blue", "box", "a", "big", "small", "on", "the", "left"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These models are so small that intra-op threads only add contention: on a loaded 2-core
-    machine the training test takes ~1 s with one thread and over 10 s with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_config(**overrides) -> FclnConfig:

@@ -16,7 +16,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from bench.cli import main as dam_bench
 from bench.densecap import iou_matrix
@@ -35,12 +34,7 @@ from data_pipeline.shapes_layouts import write_shapes_visual_genome
 from tests.test_densecap_app import tiny_shapes_fcln
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

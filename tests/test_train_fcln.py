@@ -47,13 +47,7 @@ SAVE_EVERY = 10
 KILL_AT = 15  # the train_step call that "crashes": iteration 14, after checkpoint-10
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models: intra-op threads only add contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
