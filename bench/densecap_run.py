@@ -45,7 +45,6 @@ from dam.errors import DamInputError
 from dam.fcln.evaluation import (
     PAPER_MAX_WORDS,
     PredictionCheckpoint,
-    file_stamp,
     filter_region,
     prediction_record,
     region_descriptions_entry,
@@ -153,13 +152,14 @@ def caption_images(dense: Any, files: Mapping[Hashable, Path], checkpoint: Predi
 
 
 def densecap_run(dense: Any, gt: Mapping[Hashable, Sequence[VGRegion]], images_dir: str | Path,
-                 out: str | Path, settings: Mapping[str, Any], *, image_ids: Sequence[Hashable] | None = None,
+                 out: str | Path, *, image_ids: Sequence[Hashable] | None = None,
                  max_words: int = PAPER_MAX_WORDS, image_batch_size: int = 8, progress: bool = True,
                  meteor: MeteorScorer | None = None) -> DenseCapResult:
     """Caption the evaluated images with `dense` (resumably, in `out`), write preds.json and
     ground_truth.json there, and score them with DenseCap's mAP (`meteor`: see bench.densecap).
 
-    `settings` describe the models and options; a checkpoint made with others is refused.
+    `dense.settings` (its models' fingerprints and options) key the checkpoint: one made with
+    others is refused.
     `image_ids` default to every image of `gt`.
     """
     out = Path(out)
@@ -169,7 +169,7 @@ def densecap_run(dense: Any, gt: Mapping[Hashable, Sequence[VGRegion]], images_d
         region_descriptions_entry(image_id, [r.box for r in regions], [r.phrase for r in regions])
         for image_id, regions in references.items()
     ])  # fmt: skip
-    checkpoint = PredictionCheckpoint(out / CHECKPOINT_DIR, dict(settings))
+    checkpoint = PredictionCheckpoint(out / CHECKPOINT_DIR, dense.settings)
     captioned = caption_images(dense, files, checkpoint, image_batch_size, progress)
     logger.info("%d images captioned now, %d were done before", captioned, len(files) - captioned)
     predictions = checkpoint.predictions(references)
@@ -235,22 +235,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DamInputError(f"--images {args.images!r} is not a folder; pass the folder of the evaluated images")
 
 
-def run_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What makes two runs' predictions the same (models with their files' stamps, options); a
-    resumed run must match them."""
-    dam_model = None
-    if args.captioner == "dam":
-        dam_model = "builtin" if args.model in (None, "builtin") else file_stamp(args.model)
-    return {
-        "proposals": args.proposals, "captioner": args.captioner, "max_regions": args.max_regions,
-        "fcln": None if args.fcln is None else file_stamp(args.fcln), "model": dam_model,
-        "sam": None if args.sam_checkpoint is None else [file_stamp(args.sam_checkpoint), args.sam_model_type,
-                                                          args.sam_points_per_side, args.sam_pred_iou_thresh,
-                                                          args.sam_stability_thresh],
-        "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
-    }
-
-
 def build_dense_captioner(args: argparse.Namespace) -> Any:
     """The proposer and captioner the options ask for, loaded by `dam densecap`'s own loader."""
     from dam.densecap import DenseCaptioner
@@ -290,7 +274,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     dense = build_dense_captioner(args)
-    result = densecap_run(dense, gt, args.images, args.out, run_settings(args), image_ids=image_ids,
+    result = densecap_run(dense, gt, args.images, args.out, image_ids=image_ids,
                           max_words=args.max_words, image_batch_size=args.image_batch,
                           progress=not args.no_progress)
     if args.json:

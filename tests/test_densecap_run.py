@@ -123,8 +123,7 @@ def test_sam_proposals_dam_captions(shapes_vg, builtin, tmp_path):
     dense = DenseCaptioner(proposer, DamCaptioner(builtin, max_new_tokens=8, do_sample=False), max_regions=3)
     gt = load_region_descriptions(shapes_vg / "region_descriptions.json")
     out = tmp_path / "run"
-    result = densecap_run(dense, gt, shapes_vg / "images", out, {"proposals": "sam", "captioner": "dam"},
-                          image_ids=list(gt)[:2], image_batch_size=1, progress=False, meteor=exact_meteor)
+    result = densecap_run(dense, gt, shapes_vg / "images", out, image_ids=list(gt)[:2], image_batch_size=1, progress=False, meteor=exact_meteor)
     predictions = _check_written(out, result.to_json())
     assert result.num_images == 2 and 1 <= len(predictions) <= 6
 

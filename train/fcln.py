@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from dam.configio import ConfigError, to_dict
 from dam.errors import DamInputError
 from dam.fcln import FclnImageProcessor, FclnModel, FclnOutput
-from dam.fcln.evaluation import PredictionCheckpoint, file_stamp, prediction_record
+from dam.fcln.evaluation import PredictionCheckpoint, prediction_record
+from dam.fingerprint import model_identity
 from dam.jsonio import write_json_atomic
 from train.fcln_config import FclnTrainConfig, load_fcln_config
 from train.fcln_data import (
@@ -448,7 +449,7 @@ def evaluate_fcln(config: FclnTrainConfig, model_path: str | Path | None = None,
     # the hours a full test split takes resumes at the first image not done; the folder is ours,
     # so one left by another model (or other thresholds) is discarded, not an error.
     checkpoint_dir = eval_dir / f".{predictions_file.stem}.partial"
-    settings = {"model": file_stamp(model_path), "split": evaluation.split,
+    settings = {"model": model_identity(model), "split": evaluation.split,
                 "max_regions": evaluation.max_regions, "score_threshold": evaluation.score_threshold}
     checkpoint = PredictionCheckpoint(checkpoint_dir, settings, replace_stale=True, what="evaluation")
     done = checkpoint.done()

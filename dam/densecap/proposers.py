@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from dam.densecap.fingerprint import as_json_value, model_identity
+from dam.fingerprint import as_json_value, model_identity
 from dam.densecap.regions import Regions, mask_to_box
 from dam.errors import DamInputError
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from dam.densecap.captioners import Captioner
 from dam.densecap.drawing import draw_dense_captions
 from dam.densecap.files import IMAGE_SUFFIXES, InputImage, find_images, save_image_atomic
-from dam.densecap.fingerprint import as_json_value
+from dam.fingerprint import as_json_value
 from dam.densecap.proposers import Proposer
 from dam.densecap.regions import Regions
 from dam.densecap.viewer import viewer_entry, write_viewer

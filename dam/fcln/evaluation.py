@@ -11,8 +11,8 @@
 - `prediction_record`: one entry of a predictions file, {"image_id", "box": [x1, y1, x2, y2],
   "score", "caption"}, as `dam-bench densecap --pred` reads it;
 - `PredictionCheckpoint`: the predictions of a long run, checkpointed image by image so that a
-  killed run resumes where it stopped instead of captioning 5,000 images again (`file_stamp`
-  names the model in its settings, so two models' predictions never mix).
+  killed run resumes where it stopped instead of captioning 5,000 images again (its settings
+  hold the model's `dam.fingerprint.model_identity`, so two models' predictions never mix).
 """
 
 from __future__ import annotations
@@ -74,16 +74,6 @@ def prediction_record(image_id: Hashable, box: Sequence[float], score: float, ca
     without changing any IoU threshold decision that matters at pixel scale."""
     return {"image_id": image_id, "box": [round(float(v), 2) for v in box], "score": round(float(score), 6),
             "caption": caption}
-
-
-def file_stamp(path: str | os.PathLike) -> dict[str, Any]:
-    """A model file or folder as checkpoint settings record it: its absolute path and the name,
-    size and modification time of each file, so a model saved again at the same path (a resumed
-    training's new final/) does not pass for the old one."""
-    path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    return {"path": str(path.resolve()),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
 _CHUNK = re.compile(r"chunk-(\d+)\.json")

@@ -1,7 +1,8 @@
 """Identities of models and settings, so that results made by different models never mix.
 
 `dam densecap` resumes a folder and reuses stored regions only when the stored results were made
-with the same settings (dam.densecap.runner). A model's identity is a fingerprint of its
+with the same settings (dam.densecap.runner); `dam-bench densecap-run` and `dam-train fcln`'s
+test-split evaluation resume their prediction checkpoints likewise. A model's identity is a fingerprint of its
 weights and, for transformers models, of its config: a path would change when a folder is
 moved and would not tell two checkpoints saved over one another apart. The weights are sampled
 (the first and last values of every tensor, with names and shapes), which any training step
