@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.factories import tiny_shapes_fcln
+
 
 @pytest.fixture
 def single_thread():
@@ -11,3 +13,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fcln_dir(tmp_path_factory):
+    """A saved random FCLN with the ShapesDLC words (tests.factories.tiny_shapes_fcln)."""
+    path = tmp_path_factory.mktemp("fcln") / "final"
+    tiny_shapes_fcln().save_pretrained(path)
+    return path

@@ -6,8 +6,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config
 
+from dam.fcln import FclnConfig, FclnModel
 from dam.modeling import DamConfig, DamForConditionalGeneration
 from dam.modeling.sizes import tiny_config, tiny_llama_config, tiny_siglip_config  # noqa: F401 (re-exported)
+from dam.shapes import VOCABULARY
 from dam.tokenization import build_word_level_tokenizer
 
 WORDS = (
@@ -67,3 +69,18 @@ def box_mask(height: int, width: int, x0: int, y0: int, x1: int, y1: int) -> np.
     mask = np.zeros((height, width), dtype=bool)
     mask[y0:y1, x0:x1] = True
     return mask
+
+
+SHAPE_WORDS = sorted({word for values in VOCABULARY.values() for value in values for word in value.split()} | {"a", "in", "the"})
+
+
+def tiny_shapes_fcln(seed: int = 0, lstm_layers: int = 1) -> FclnModel:
+    """A random FCLN with the ShapesDLC words, 128 px input, 20 proposals."""
+    torch.manual_seed(seed)
+    config = FclnConfig(
+        backbone="tiny", tiny_backbone_channels=16, anchors=[[32, 32], [64, 64], [128, 128]],
+        localization_hidden_size=16, recognition_hidden_size=32, recognition_dropout=0.0, grid_size=(3, 3),
+        word_embedding_size=16, lstm_hidden_size=32, lstm_num_layers=lstm_layers, vocabulary=SHAPE_WORDS,
+        test_num_proposals=20, image_longer_side=128, max_caption_length=8,
+    )
+    return FclnModel(config).eval()

@@ -39,34 +39,21 @@ from dam.densecap import (
 )
 from dam.densecap.viewer import DATA_FILE, VIEWER_FILE
 from dam.errors import DamInputError
-from dam.fcln import FclnConfig, FclnModel
+from dam.fcln import FclnModel
 from dam.fcln.vocabulary import END_ID, START_ID
 from dam.masks import rle_to_mask
-from dam.shapes import VOCABULARY, scene
+from dam.shapes import scene
 from data_pipeline.shapes_layouts import write_shapes_visual_genome
-from tests.factories import tiny_dam, tiny_tokenizer
+from tests.factories import tiny_dam, tiny_shapes_fcln, tiny_tokenizer
 
 CHROMIUM = next(
     (shutil.which(name) for name in ("chromium", "chromium-browser", "chromium-headless-shell") if shutil.which(name)),
     None,
 )
-SHAPE_WORDS = sorted({word for values in VOCABULARY.values() for value in values for word in value.split()} | {"a", "in", "the"})
 GREEDY = dict(max_new_tokens=12, do_sample=False)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny_shapes_fcln(seed: int = 0, lstm_layers: int = 1) -> FclnModel:
-    """A random FCLN with the ShapesDLC words, 128 px input, 20 proposals."""
-    torch.manual_seed(seed)
-    config = FclnConfig(
-        backbone="tiny", tiny_backbone_channels=16, anchors=[[32, 32], [64, 64], [128, 128]],
-        localization_hidden_size=16, recognition_hidden_size=32, recognition_dropout=0.0, grid_size=(3, 3),
-        word_embedding_size=16, lstm_hidden_size=32, lstm_num_layers=lstm_layers, vocabulary=SHAPE_WORDS,
-        test_num_proposals=20, image_longer_side=128, max_caption_length=8,
-    )
-    return FclnModel(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +74,6 @@ def shapes(tmp_path_factory) -> Path:
     shutil.copy(images / "3.png", images / ".hidden.png")
     (images / "notes.txt").write_text("not an image")
     return root
-
-
-@pytest.fixture(scope="module")
-def fcln_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("fcln") / "final"
-    tiny_shapes_fcln().save_pretrained(path)
-    return path
 
 
 # ---- folders -------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from dam.errors import DamInputError
 from dam.fcln import FclnModel
 from dam.masks import rle_to_mask
 from dam.shapes import scene
-from tests.test_densecap_app import GREEDY, tiny_shapes_fcln
+from tests.factories import tiny_shapes_fcln
+from tests.test_densecap_app import GREEDY
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -24,7 +24,6 @@ from dam.jsonio import read_json, write_json_atomic
 from dam.visual_genome import load_region_descriptions
 from data_pipeline.shapes_layouts import write_shapes_visual_genome
 from tests.test_bench_densecap import exact_meteor
-from tests.test_densecap_app import tiny_shapes_fcln
 
 PRED_KEYS = {"image_id", "box", "score", "caption"}
 
@@ -43,13 +42,6 @@ def shapes_vg(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("densecap_run_vg")
     write_shapes_visual_genome(root, 4, seed=5, progress=False)
     return root
-
-
-@pytest.fixture(scope="module")
-def fcln_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("fcln") / "final"
-    tiny_shapes_fcln().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from dam.densecap import DamQueryScorer, FclnQueryScorer, QueryScores, Regions
 from dam.errors import DamInputError
 from dam.visual_genome import load_region_descriptions
 from data_pipeline.shapes_layouts import write_shapes_visual_genome
-from tests.test_densecap_app import tiny_shapes_fcln
+from tests.factories import tiny_shapes_fcln
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
