@@ -8,6 +8,9 @@
 #   bash bench/device_suite.sh                        # there: every part, in priority order
 #   SUITE_SMOKE=1 PYTHON=.venv/bin/python bash bench/device_suite.sh   # tiny shapes on the CPU (a test runs this)
 #
+# The smoke run also passed (2026-12-03) in a venv with the GPU image's transformers 5.17.0,
+# huggingface_hub 1.33.0 and tokenizers 0.23.2 and without `datasets`, as the image has them.
+#
 # Parts (seconds allowed): cuda-tests (120) describe (330) fcln (90) data (150) densecap (240)
 # retrieval (120) describe-static (300) train (300, not in the default list: issue 3's MFU; needs
 # the deepspeed wheel). A command brings back at most 8 files: the log and seven parts' JSON.
