@@ -63,12 +63,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def build_model(backbone: str, proposals: int, device: str, seed: int = 0,
-                pre_nms_top_n: int | None = None) -> FclnModel:
+                pre_nms_top_n: int | None = None, final_nms_iou: float = 0.3) -> FclnModel:
     """A randomly initialised FCLN in eval mode whose captions never end early."""
     if backbone not in PRESETS:
         raise DamInputError(f"--backbone {backbone!r} is not one of {', '.join(PRESETS)}")
     torch.manual_seed(seed)
-    model = FclnModel(FclnConfig(**PRESETS[backbone], test_num_proposals=proposals, pre_nms_top_n=pre_nms_top_n))
+    model = FclnModel(FclnConfig(**PRESETS[backbone], test_num_proposals=proposals, pre_nms_top_n=pre_nms_top_n,
+                                 final_nms_iou=final_nms_iou))
     with torch.no_grad():  # <end> never wins, so every region is captioned for max_caption_length steps
         model.language_model.output.bias[END_ID] = -1e4
     return model.to(device).eval()
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proposals", type=int, default=300, help="proposals kept after the first NMS")
     parser.add_argument("--pre-nms-top-n", type=int, default=None,
                         help="best-scoring boxes entering the first NMS (default: all, as the paper)")
+    parser.add_argument("--final-nms-iou", type=float, default=0.3,
+                        help="the final NMS before captioning (default 0.3, the paper's); 1.0 captions every proposal: "
+                             "the worst case, since how many boxes survive depends on the (here random) weights")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -219,7 +223,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     dtype_name = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     if args.pre_nms_top_n is not None and args.pre_nms_top_n < 1:
         raise DamInputError(f"--pre-nms-top-n must be at least 1, got {args.pre_nms_top_n}")
-    model = build_model(args.backbone, args.proposals, args.device, args.seed, args.pre_nms_top_n)
+    if not 0.0 < args.final_nms_iou <= 1.0:
+        raise DamInputError(f"--final-nms-iou must be in (0, 1], got {args.final_nms_iou}")
+    model = build_model(args.backbone, args.proposals, args.device, args.seed, args.pre_nms_top_n, args.final_nms_iou)
     generator = torch.Generator().manual_seed(args.seed)
     pixels = torch.randn(1, 3, args.height, args.width, generator=generator).to(args.device)  # normalised image
     baseline = measure(model, pixels, VariantResult("eager-fp32", "float32", False, False),
@@ -245,6 +251,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "image": [args.height, args.width],
         "proposals": args.proposals,
         "pre_nms_top_n": args.pre_nms_top_n,
+        "final_nms_iou": args.final_nms_iou,
         "max_caption_length": model.config.max_caption_length,
         "warmup": args.warmup,
         "iterations": args.iterations,

@@ -51,7 +51,17 @@ def test_staged_breakdown_matches_generate() -> None:
     assert staged.token_ids.shape[1] == model.config.max_caption_length  # <end> suppressed: full-length captions
 
 
+def test_final_nms_at_one_captions_every_proposal(tmp_path) -> None:
+    out = tmp_path / "speed.json"
+    assert bench_main(["speed-fcln", *SMALL, "--no-channels-last", "--iterations", "1", "--final-nms-iou", "1.0",
+                       "--json", str(out)]) == 0
+    (variant,) = json.loads(out.read_text())["variants"]
+    assert variant["regions_captioned"] == variant["proposals"]
+
+
 def test_user_errors_exit_2(capsys) -> None:
     assert bench_main(["speed-fcln", "--backbone", "vgg19"]) == 2  # argparse's choices
     assert bench_main(["speed-fcln", "--backbone", "tiny", "--device", "cpu", "--iterations", "0"]) == 2
     assert "--iterations must be at least 1" in capsys.readouterr().err
+    assert bench_main(["speed-fcln", "--backbone", "tiny", "--device", "cpu", "--final-nms-iou", "0"]) == 2
+    assert "--final-nms-iou must be in (0, 1]" in capsys.readouterr().err
