@@ -37,11 +37,11 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from dam.commandline import int_at_least
 from dam.errors import DamInputError
+from dam.images import image_file_size
 from dam.fcln.evaluation import (
     PAPER_MAX_WORDS,
     PredictionCheckpoint,
@@ -81,16 +81,6 @@ def read_split_ids(path: str | Path, split: str) -> list[str]:
     return [str(image_id) for image_id in data]
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the file's header."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, ValueError, SyntaxError) as error:
-        raise DamInputError(f"image {str(path)!r} could not be read ({error}); replace or remove it") from error
-    return height, width
-
-
 def evaluated_ground_truth(gt: Mapping[Hashable, Sequence[VGRegion]], images_dir: str | Path,
                            image_ids: Sequence[Hashable], max_words: int = PAPER_MAX_WORDS,
                            ) -> tuple[dict[Hashable, list[VGRegion]], dict[Hashable, Path]]:
@@ -101,7 +91,7 @@ def evaluated_ground_truth(gt: Mapping[Hashable, Sequence[VGRegion]], images_dir
     dropped: dict[str, int] = {}
     for image_id in image_ids:
         path = image_file(images_dir, image_id)
-        height, width = _image_size(path)
+        height, width = image_file_size(path)
         kept = []
         for region in gt[image_id]:
             result = filter_region(region.phrase, region.box, height, width, max_words)

@@ -17,7 +17,10 @@ from PIL import Image, ImageOps
 
 from dam.errors import DamInputError
 
-__all__ = ["load_image", "image_alpha", "load_image_and_alpha", "open_image_file", "is_torch_tensor", "tensor_to_numpy"]
+__all__ = [
+    "load_image", "image_alpha", "load_image_and_alpha", "open_image_file", "image_file_size", "is_torch_tensor",
+    "tensor_to_numpy",
+]
 
 _ACCEPTED = (
     "a path to an image file, a PIL image, a numpy array (H, W), (H, W, 1), (H, W, 3) or "
@@ -52,6 +55,27 @@ def open_image_file(path: str | os.PathLike, what: str = "image") -> Image.Image
             f"{what} file {name!r} could not be read as an image ({type(exc).__name__}: {exc}); "
             f"pass a readable image file such as PNG or JPEG"
         ) from exc
+
+
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def image_file_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """(height, width) of the image file at ``path`` as :func:`open_image_file` returns it (EXIF
+    orientation applied), from the header alone; errors as there."""
+    name = os.fspath(path)
+    try:
+        with Image.open(name) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise DamInputError(f"{what} file {name!r} could not be read as an image: no such file; check the path") from None
+    except _READ_ERRORS as exc:
+        raise DamInputError(
+            f"{what} file {name!r} could not be read as an image ({type(exc).__name__}: {exc}); "
+            f"pass a readable image file such as PNG or JPEG"
+        ) from exc
+    return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
 
 
 def load_image(image: Any) -> np.ndarray:

@@ -30,6 +30,7 @@ from dam.commandline import int_at_least, run_command
 EXIT_RETRY = 1
 """A stage left shards for a rerun to retry (transient labeler failures)."""
 
+
 def _common_options() -> argparse.ArgumentParser:
     """Options every subcommand takes (used as an argparse parent parser)."""
     common = argparse.ArgumentParser(add_help=False)

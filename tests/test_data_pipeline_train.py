@@ -4,7 +4,6 @@ image root taken from the merged manifest when the dataset's `root` is unset."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 

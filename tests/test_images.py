@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from dam.errors import DamInputError
-from dam.images import image_alpha, load_image
+from dam.images import image_alpha, image_file_size, load_image
 
 H, W = 6, 10
 
@@ -161,6 +161,19 @@ def test_exif_orientation_is_applied(tmp_path, rgb):
     out = load_image(path)
     assert out.shape == (W, H, 3)
     assert_image(out, np.rot90(rgb, k=-1))
+
+
+def test_file_size_from_the_header_matches_the_loaded_image(tmp_path, rgb):
+    plain, rotated = tmp_path / "plain.png", tmp_path / "rotated.png"
+    Image.fromarray(rgb).save(plain)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(rotated, exif=exif)
+    for path in (plain, rotated):
+        assert image_file_size(path) == load_image(path).shape[:2]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DamInputError, match=r"broken\.png.*could not be read as an image"):
+        image_file_size(tmp_path / "broken.png")
 
 
 def test_missing_file(tmp_path):

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
@@ -41,7 +40,7 @@ from dam.configio import ConfigError
 from dam.errors import DamInputError
 from dam.fcln import FclnImageProcessor, FclnVocabulary, build_vocabulary
 from dam.fcln.evaluation import filter_region, region_descriptions_entry
-from dam.images import load_image
+from dam.images import image_file_size, load_image
 from dam.jsonio import read_json, write_json_atomic
 from dam.visual_genome import load_region_descriptions
 from train.fcln_config import FclnDataConfig
@@ -173,11 +172,9 @@ def _find_image(image_id: Hashable, folders: list[Path], patterns: list[str]) ->
 def _file_size(path: Path) -> tuple[int, int] | None:
     """(height, width) from the file's header (no decoding), or None when it is unreadable."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, ValueError, SyntaxError):
+        return image_file_size(path)
+    except DamInputError:
         return None
-    return height, width
 
 
 def _sort_key(image_id: Hashable) -> tuple[str, Any]:

@@ -20,17 +20,17 @@ so a region is scored exactly as it is captioned.
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
-from dam.fingerprint import as_json_value, model_identity
 from dam.densecap.regions import Regions, box_to_mask, clip_box
 from dam.errors import DamInputError
+from dam.fingerprint import as_json_value, model_identity
 
 if TYPE_CHECKING:
     from dam.describe import DescribeAnything

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from dam.fingerprint import as_json_value, model_identity
 from dam.densecap.regions import Regions, mask_to_box
 from dam.errors import DamInputError
+from dam.fingerprint import as_json_value, model_identity
 
 if TYPE_CHECKING:
     from dam.fcln import FclnModel

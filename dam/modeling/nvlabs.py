@@ -643,8 +643,9 @@ def convert_nvlabs_checkpoint(
     tokenizer = build_sentencepiece_tokenizer(layout.root / "llm")
     config = _dam_config(layout, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), chosen)
     dtype = dtype or _stored_dtype(layout)
-    # Built directly in `dtype` (transformers' own dtype argument, no process-wide default
-    # changed here) and without random initialisation: every weight is loaded below.
+    # Built directly in `dtype` through transformers' own dtype argument (which sets torch's
+    # default dtype only while it builds, as from_pretrained does) and without random
+    # initialisation: every weight is loaded below.
     with no_init_weights():
         model = DamForConditionalGeneration._from_config(config, **{_DTYPE_ARGUMENT: dtype})
     _load_weights(model, layout)
